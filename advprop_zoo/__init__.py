@@ -1,0 +1,13 @@
+"""advprop-zoo: AdvProp EfficientNets for timm.
+
+``import advprop_zoo`` registers ``efficientnet_b0_advprop`` ... ``efficientnet_b8_advprop`` in timm's
+model registry; everything else (weights, and later dual BN, folding, attacks, training, evaluation)
+is reached from here.
+"""
+from .efficientnet_advprop import (
+    DEFAULT_TAG, HUB_ORG, VARIANTS, ZOO_TAG, AdvPropVariant, PaperAttacker, get_variant, paper_attacker,
+)
+from .names import UnknownModelError, check_model_name
+from .weights import WeightsError, check_state_dict, load_weights, save_weights
+
+__version__ = '0.1.0'

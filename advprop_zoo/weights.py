@@ -1,0 +1,253 @@
+"""Weight files: safetensors validation, atomic writes, safe loading and state-dict checks.
+
+Everything that reads or writes weights goes through here so that a truncated file, a pickle with
+code in it or a state dict of the wrong model fails once, early, with a message that names the file,
+the key and both shapes, and so that a crash mid-write never leaves a file that loads but is wrong.
+"""
+import json
+import os
+import struct
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Tuple, Union
+
+import torch
+
+__all__ = [
+    'WeightsError', 'read_safetensors_header', 'check_weights_file', 'load_weights', 'save_weights',
+    'atomic_write', 'check_state_dict', 'check_pretrained_source', 'cached_weights_path',
+]
+
+PathLike = Union[str, os.PathLike]
+_HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+class WeightsError(RuntimeError):
+    """A weight file or state dict that cannot be used, with the reason in one line."""
+
+
+def read_safetensors_header(path: PathLike) -> Dict[str, Any]:
+    """Parse and validate a safetensors header without reading tensor data.
+
+    Checks what the format promises: a sane header length, valid JSON, dtype/shape/offset entries
+    that tile the data section exactly, and a file exactly as long as the header says (so a
+    truncated download or copy is caught before any tensor is used).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, 'rb') as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise WeightsError(f'{path}: not a safetensors file ({size} bytes, too short for a header)')
+        (n,) = struct.unpack('<Q', head)
+        if n > _HEADER_LIMIT or n > size - 8:
+            raise WeightsError(
+                f'{path}: not a valid safetensors file (header length {n} does not fit a {size}-byte file; '
+                f'truncated or not safetensors)')
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise WeightsError(f'{path}: corrupt safetensors header ({e})') from None
+    if not isinstance(header, dict):
+        raise WeightsError(f'{path}: corrupt safetensors header (not a JSON object)')
+    end = 0
+    for key, entry in header.items():
+        if key == '__metadata__':
+            continue
+        try:
+            start, stop = entry['data_offsets']
+            entry['shape'], entry['dtype']
+        except (TypeError, KeyError, ValueError):
+            raise WeightsError(f'{path}: corrupt safetensors header entry for {key!r}') from None
+        end = max(end, stop)
+    data = size - 8 - n
+    if end != data:
+        what = 'truncated' if end > data else 'has trailing bytes'
+        raise WeightsError(f'{path}: {what}: header describes {end} bytes of tensor data, file holds {data}')
+    return header
+
+
+def check_weights_file(path: PathLike) -> Path:
+    """Fail clearly if ``path`` is not a readable weights file; validate safetensors headers."""
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f'{path}: no such weights file')
+    if not path.is_file():
+        raise WeightsError(f'{path}: not a file')
+    if path.suffix == '.safetensors':
+        read_safetensors_header(path)
+    return path
+
+
+def load_weights(path: PathLike, device: Union[str, torch.device] = 'cpu') -> Dict[str, torch.Tensor]:
+    """Load a state dict from safetensors, or from a torch pickle with ``weights_only=True`` only.
+
+    A pickle that holds anything but tensors and plain containers is refused rather than executed.
+    """
+    path = check_weights_file(path)
+    if path.suffix == '.safetensors':
+        from safetensors.torch import load_file
+        return load_file(str(path), device=str(device))
+    import pickle
+    try:
+        obj = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise WeightsError(
+            f'{path}: refused to unpickle: it holds objects other than tensors ({str(e).splitlines()[0]}); '
+            'convert it to safetensors from a trusted environment') from None
+    except (RuntimeError, EOFError) as e:
+        raise WeightsError(f'{path}: unreadable torch checkpoint ({str(e).splitlines()[0]})') from None
+    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f'{path}: does not hold a state dict of tensors')
+    return {k[7:] if k.startswith('module.') else k: v for k, v in obj.items()}
+
+
+@contextmanager
+def atomic_write(path: PathLike, mode: str = 'wb') -> Iterator[Any]:
+    """Write ``path`` through a temp file in the same folder, fsync it, then rename over the target,
+    so readers see the old file or the complete new one, never a partial one."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise WeightsError(f'{path}: output folder {path.parent} does not exist')
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_weights(
+        state_dict: Mapping[str, torch.Tensor],
+        path: PathLike,
+        metadata: Optional[Mapping[str, str]] = None,
+) -> Path:
+    """Save tensors as safetensors, atomically; shared storage and non-contiguous views are handled."""
+    from safetensors.torch import save
+    tensors = {}
+    for key, value in state_dict.items():
+        t = value.detach().to('cpu').contiguous()
+        tensors[key] = t.clone() if _shares_storage(t) else t  # safetensors refuses shared storage
+    blob = save(tensors, metadata=dict(metadata) if metadata else None)
+    with atomic_write(path) as f:
+        f.write(blob)
+    return Path(path)
+
+
+def _shares_storage(t: torch.Tensor) -> bool:
+    return t.numel() * t.element_size() != t.untyped_storage().nbytes()
+
+
+def check_state_dict(
+        state_dict: Mapping[str, torch.Tensor],
+        model: torch.nn.Module,
+        ignore: Iterable[str] = (),
+        allow_unexpected: bool = False,
+) -> None:
+    """Raise WeightsError for the first key whose shape does not fit ``model``, then for missing and
+    (unless allowed) unexpected keys, each named with a count of the rest."""
+    ignore = set(ignore)
+    target = model.state_dict()
+    for key, tensor in state_dict.items():
+        if key in target and key not in ignore and tuple(tensor.shape) != tuple(target[key].shape):
+            n = sum(1 for k, t in state_dict.items() if k in target and k not in ignore
+                    and tuple(t.shape) != tuple(target[k].shape))
+            raise WeightsError(
+                f'shape mismatch for {key!r}: weights have {tuple(tensor.shape)}, model '
+                f'{type(model).__name__} expects {tuple(target[key].shape)}' + _more(n))
+    missing = [k for k in target if k not in state_dict and k not in ignore]
+    if missing:
+        raise WeightsError(f'weights lack {missing[0]!r} that the model expects' + _more(len(missing)))
+    unexpected = [k for k in state_dict if k not in target and k not in ignore]
+    if unexpected and not allow_unexpected:
+        raise WeightsError(f'weights hold {unexpected[0]!r} that the model does not have' + _more(len(unexpected)))
+
+
+def _more(n: int) -> str:
+    return f' ({n - 1} more like it)' if n > 1 else ''
+
+
+def cached_weights_path(hf_hub_id: str, filename: str = 'model.safetensors',
+                        cache_dir: Optional[PathLike] = None) -> Optional[Path]:
+    """Path of a Hub file in the local huggingface_hub cache, or None; never touches the network."""
+    from huggingface_hub import try_to_load_from_cache
+    repo_id, _, revision = hf_hub_id.partition('@')
+    found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision or None)
+    return Path(found) if isinstance(found, str) else None
+
+
+def _check_local_weights(path: Path) -> None:
+    check_weights_file(path)
+    if path.suffix != '.safetensors':
+        load_weights(path)  # a pickle: prove it unpickles with weights_only=True before timm touches it
+
+
+def _local_dir_weights(folder: Path) -> Optional[Path]:
+    """The file timm's ``local-dir:`` loader will pick, in timm's own preference order."""
+    from timm.models._hub import _EXT_PRIORITY, _PREFERRED_FILES
+    for name in _PREFERRED_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    for ext in _EXT_PRIORITY:
+        files = sorted(folder.glob(f'*{ext}'))
+        if files:
+            return files[0]
+    return None
+
+
+def _hub_filename(cfg: Mapping[str, Any]) -> str:
+    return cfg.get('hf_hub_filename') or 'model.safetensors'
+
+
+def check_pretrained_source(
+        model_name: str,
+        pretrained_cfg: Any = None,
+        pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
+        cache_dir: Optional[PathLike] = None,
+) -> Tuple[str, Any]:
+    """Resolve where timm will load ``model_name``'s pretrained weights from, and fail clearly now if
+    they cannot be had: a missing or truncated local file, an empty ``local-dir:`` folder, or Hub
+    weights that are not in the cache while ``HF_HUB_OFFLINE`` is set.
+    Returns timm's ``(source, location)``."""
+    from huggingface_hub import constants
+    from timm.models import resolve_pretrained_cfg
+    from timm.models._builder import _resolve_pretrained_source  # timm's own resolution order
+
+    cfg = resolve_pretrained_cfg(model_name, pretrained_cfg=pretrained_cfg,
+                                 pretrained_cfg_overlay=pretrained_cfg_overlay).to_dict()
+    source, loc = _resolve_pretrained_source(cfg)
+    how = (f"supply a local file with timm.create_model({model_name!r}, pretrained=True, "
+           f"pretrained_cfg_overlay=dict(file='/path/to/model.safetensors'))")
+    if source == 'file':
+        _check_local_weights(Path(loc))
+    elif source == 'local-dir':
+        folder = Path(loc)
+        if not folder.is_dir():
+            raise WeightsError(f'{folder}: local-dir weights folder does not exist')
+        found = _local_dir_weights(folder)
+        if found is None:
+            raise WeightsError(f'{folder}: no weights file (model.safetensors) in local-dir folder')
+        _check_local_weights(found)
+    elif source == 'hf-hub':
+        repo = loc[0] if isinstance(loc, (tuple, list)) else loc
+        filename = _hub_filename(cfg)
+        cached = cached_weights_path(repo, filename, cache_dir=cache_dir or None)
+        if cached is not None:
+            check_weights_file(cached)
+        elif constants.HF_HUB_OFFLINE:
+            where = cache_dir or constants.HF_HUB_CACHE
+            raise WeightsError(
+                f'{model_name}: pretrained weights {repo}/{filename} are not in the Hugging Face cache ({where}) '
+                f'and HF_HUB_OFFLINE is set; download them once online, or {how}')
+    elif source == '':
+        raise WeightsError(f'{model_name}: this pretrained config names no weights (no hf_hub_id, url or file); {how}')
+    return source, loc

@@ -1,0 +1,183 @@
+"""Loading pretrained weights the timm way: Hub cache (offline), file=, local-dir:, and every bad input."""
+import json
+import os
+import pickle
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+from advprop_zoo import WeightsError, load_weights, save_weights
+from conftest import random_state_dict
+
+
+@pytest.fixture(scope='module')
+def b0_weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp('w') / 'b0.safetensors'
+    model = timm.create_model('efficientnet_b0_advprop')
+    save_file(random_state_dict(model), str(path))
+    return path
+
+
+def _assert_loaded(model, path, skip=()):
+    expected = load_file(str(path))
+    got = model.state_dict()
+    for k, v in expected.items():
+        if k not in skip:
+            assert torch.equal(got[k], v), k
+
+
+def test_pretrained_from_offline_hub_cache(hub_cache, b0_weights):
+    hub_cache('timm/tf_efficientnet_b0.ap_in1k', 'model.safetensors', b0_weights.read_bytes())
+    model = timm.create_model('efficientnet_b0_advprop', pretrained=True)
+    _assert_loaded(model, b0_weights)
+
+
+def test_pretrained_zoo_tag_from_offline_hub_cache(hub_cache, b0_weights):
+    hub_cache('advprop-zoo/efficientnet_b0_advprop.ap_in1k_zoo', 'model.safetensors', b0_weights.read_bytes())
+    _assert_loaded(timm.create_model('efficientnet_b0_advprop.ap_in1k_zoo', pretrained=True), b0_weights)
+
+
+def test_pretrained_from_file_overlay(b0_weights):
+    model = timm.create_model('efficientnet_b0_advprop', pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(b0_weights)))
+    _assert_loaded(model, b0_weights)
+
+
+def test_pretrained_with_fresh_head_keeps_body(b0_weights):
+    model = timm.create_model('efficientnet_b0_advprop', pretrained=True, num_classes=7,
+                              pretrained_cfg_overlay=dict(file=str(b0_weights)))
+    assert model.classifier.out_features == 7
+    _assert_loaded(model, b0_weights, skip={'classifier.weight', 'classifier.bias'})
+
+
+def test_pretrained_features_only(b0_weights):
+    model = timm.create_model('efficientnet_b0_advprop', pretrained=True, features_only=True,
+                              pretrained_cfg_overlay=dict(file=str(b0_weights)))
+    assert torch.equal(model.conv_stem.weight, load_file(str(b0_weights))['conv_stem.weight'])
+
+
+def test_local_dir_round_trip(tmp_path, b0_weights):
+    source = timm.create_model('efficientnet_b0_advprop')
+    source.load_state_dict(load_file(str(b0_weights)))
+    timm.models.save_for_hf(source, tmp_path / 'repo')  # timm's own Hub layout: config.json + model.safetensors
+    config = json.loads((tmp_path / 'repo' / 'config.json').read_text())
+    assert config['architecture'] == 'efficientnet_b0_advprop'
+    assert config['pretrained_cfg']['mean'] == [0.5, 0.5, 0.5]
+    model = timm.create_model(f'local-dir:{tmp_path / "repo"}', pretrained=True)
+    _assert_loaded(model, b0_weights)
+    assert model.pretrained_cfg['crop_pct'] == source.pretrained_cfg['crop_pct']
+
+
+def test_offline_without_cache_names_repo_file_and_remedy(hub_cache):
+    with pytest.raises(WeightsError) as e:
+        timm.create_model('efficientnet_b2_advprop', pretrained=True)
+    msg = str(e.value)
+    assert 'timm/tf_efficientnet_b2.ap_in1k/model.safetensors' in msg
+    assert 'HF_HUB_OFFLINE' in msg and "pretrained_cfg_overlay=dict(file=" in msg
+
+
+def test_truncated_safetensors(tmp_path, b0_weights):
+    bad = tmp_path / 'cut.safetensors'
+    bad.write_bytes(b0_weights.read_bytes()[:-1000])
+    with pytest.raises(WeightsError, match='truncated'):
+        timm.create_model('efficientnet_b0_advprop', pretrained=True, pretrained_cfg_overlay=dict(file=str(bad)))
+
+
+def test_truncated_file_in_hub_cache(hub_cache, b0_weights):
+    hub_cache('timm/tf_efficientnet_b0.ap_in1k', 'model.safetensors', b0_weights.read_bytes()[:5000])
+    with pytest.raises(WeightsError, match='truncated'):
+        timm.create_model('efficientnet_b0_advprop', pretrained=True)
+
+
+@pytest.mark.parametrize('data', [b'', b'\x01\x00', b'\xff' * 64, (20).to_bytes(8, 'little') + b'{not json' + b' ' * 11])
+def test_corrupt_safetensors(tmp_path, data):
+    bad = tmp_path / 'bad.safetensors'
+    bad.write_bytes(data)
+    with pytest.raises(WeightsError, match='bad.safetensors'):
+        load_weights(bad)
+
+
+def test_shape_mismatch_names_first_key_and_both_shapes(tmp_path):
+    path = tmp_path / 'b1.safetensors'
+    save_file(random_state_dict(timm.create_model('efficientnet_b2_advprop')), str(path))
+    with pytest.raises(WeightsError) as e:
+        timm.create_model('efficientnet_b0_advprop', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert "'conv_stem.weight'" in str(e.value) or 'shape mismatch' in str(e.value)
+    assert 'shape mismatch' in str(e.value) and 'expects' in str(e.value)
+
+
+def test_shape_mismatch_first_key_exact(tmp_path, b0_weights):
+    sd = load_file(str(b0_weights))
+    sd['blocks.1.0.conv_pw.weight'] = torch.zeros(1, 2, 1, 1)
+    path = tmp_path / 'x.safetensors'
+    save_file(sd, str(path))
+    with pytest.raises(WeightsError, match=r"'blocks\.1\.0\.conv_pw\.weight'.*\(1, 2, 1, 1\).*\(96, 16, 1, 1\)"):
+        timm.create_model('efficientnet_b0_advprop', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+def test_missing_and_unexpected_keys(tmp_path, b0_weights):
+    sd = load_file(str(b0_weights))
+    sd.pop('bn2.weight')
+    save_file(sd, str(tmp_path / 'm.safetensors'))
+    with pytest.raises(WeightsError, match="lack 'bn2.weight'"):
+        timm.create_model('efficientnet_b0_advprop', pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / 'm.safetensors')))
+    sd = load_file(str(b0_weights))
+    sd['extra.weight'] = torch.zeros(1)
+    save_file(sd, str(tmp_path / 'u.safetensors'))
+    with pytest.raises(WeightsError, match="'extra.weight'"):
+        timm.create_model('efficientnet_b0_advprop', pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / 'u.safetensors')))
+
+
+def test_missing_file_and_empty_local_dir(tmp_path):
+    with pytest.raises(WeightsError, match='no such weights file'):
+        timm.create_model('efficientnet_b0_advprop', pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / 'nope.safetensors')))
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'empty' / 'config.json').write_text(json.dumps(
+        {'architecture': 'efficientnet_b0_advprop', 'num_classes': 1000, 'pretrained_cfg': {}}))
+    with pytest.raises(WeightsError, match='no weights file'):
+        timm.create_model(f'local-dir:{tmp_path / "empty"}', pretrained=True)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f'touch {self.sentinel}',))
+
+
+def test_pickle_is_loaded_weights_only(tmp_path, b0_weights):
+    safe = tmp_path / 'plain.pth'
+    torch.save({'state_dict': load_file(str(b0_weights))}, safe)
+    _assert_loaded(timm.create_model('efficientnet_b0_advprop', pretrained=True,
+                                     pretrained_cfg_overlay=dict(file=str(safe))), b0_weights)
+
+    sentinel = tmp_path / 'pwned'
+    _Payload.sentinel = sentinel
+    hostile = tmp_path / 'hostile.pth'
+    with open(hostile, 'wb') as f:
+        pickle.dump({'conv_stem.weight': _Payload()}, f)
+    with pytest.raises(WeightsError, match='refused|Weights only|unpickl'):
+        timm.create_model('efficientnet_b0_advprop', pretrained=True, pretrained_cfg_overlay=dict(file=str(hostile)))
+    with pytest.raises(WeightsError, match='refused to unpickle'):
+        load_weights(hostile)
+    assert not sentinel.exists()
+
+
+def test_save_weights_is_atomic(tmp_path, b0_weights, monkeypatch):
+    target = tmp_path / 'out.safetensors'
+    sd = load_file(str(b0_weights))
+    save_weights(sd, target, metadata={'variant': 'b0'})
+    before = target.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError('disk full')
+    monkeypatch.setattr(os, 'fsync', boom)
+    with pytest.raises(OSError, match='disk full'):
+        save_weights({k: v * 2 for k, v in sd.items()}, target)
+    assert target.read_bytes() == before  # old file intact
+    assert [p.name for p in tmp_path.iterdir()] == ['out.safetensors']  # no temp file left behind
+    with pytest.raises(WeightsError, match='does not exist'):
+        save_weights(sd, tmp_path / 'no' / 'dir' / 'x.safetensors')
