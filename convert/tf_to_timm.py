@@ -1,0 +1,444 @@
+"""Convert TF EfficientNet-B0…B8 checkpoints (AdvProp and the other B-series releases) to timm safetensors.
+
+    python convert/tf_to_timm.py --checkpoint efficientnet-b3.tar.gz --output b3.safetensors --verify
+
+Each timm tensor is filled from the TF variable that ``tf_names`` derives from the timm model itself,
+preferring the EMA twins the release evaluates with. The conversion refuses to write anything unless
+every model tensor was filled exactly once and every weight variable of the checkpoint was used, so a
+wrong variant, a damaged file or a checkpoint from another architecture cannot yield a file that loads
+but is wrong. ``--verify`` proves the numbers against Keras's independent EfficientNet.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+if __package__ in (None, ''):  # run as a script: make the repo root importable for `convert.*`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from advprop_zoo.efficientnet_advprop import VARIANTS  # noqa: E402
+from advprop_zoo.names import check_model_name  # noqa: E402
+from advprop_zoo.weights import WeightsError, atomic_write, check_state_dict, save_weights  # noqa: E402
+from convert import __version__  # noqa: E402
+from convert.tf_checkpoint import EMA_SUFFIX, Checkpoint, is_bookkeeping, open_checkpoint  # noqa: E402
+from convert.tf_names import BN_VARIABLES, TFTensor, tf_name_map, tf_to_torch  # noqa: E402
+
+__all__ = ['ConversionResult', 'convert', 'convert_batch', 'model_for_checkpoint', 'aux_bn_key', 'main']
+
+FAMILIES = {'advprop': 'efficientnet_b{}_advprop', 'tf': 'tf_efficientnet_b{}'}
+_LEVEL = re.compile(r'(?:efficientnet_b(\d)_advprop|tf_efficientnet_b(\d))')
+_BN_LEAVES = tuple(BN_VARIABLES.values())
+
+
+def aux_bn_key(bn_module: str, tensor: str) -> str:
+    """Dual-BN key of the auxiliary BN beside ``bn_module`` (timm's SplitBatchNorm2d naming, 2 splits)."""
+    return f'{bn_module}.aux_bn.0.{tensor}'
+
+
+@dataclass
+class ConversionResult:
+    """What one conversion did, for the report line and the batch table."""
+    source: Path
+    model: str
+    scope: str
+    ema: bool
+    weights: int  # TF variables converted (aux BNs included)
+    ignored: int  # optimizer slots + global_step, and the unused raw/EMA copies
+    aux_bns: int
+    output: Optional[Path] = None
+    config: Optional[Path] = None
+    verify: Optional[object] = None  # keras_reference.Verification
+    seconds: float = 0.0
+    metadata: Dict[str, str] = field(default_factory=dict)
+
+    def lines(self) -> List[str]:
+        which = 'EMA twins' if self.ema else 'raw weights'
+        out = [f'{self.source} [{self.scope}] -> {self.model}',
+               f'weights: {which} ({self.weights} variables); ignored: {self.ignored} '
+               '(optimizer slots, global_step, unused EMA/raw copies)',
+               f'auxiliary BNs: {self.aux_bns} found, written as <bn>.aux_bn.0.*' if self.aux_bns
+               else 'auxiliary BNs: none found']
+        if self.verify is not None:
+            out.append(str(self.verify))
+        if self.output is not None:
+            out.append(f'wrote {self.output}' + (f' and {self.config}' if self.config else '')
+                       + f' in {self.seconds:.1f}s')
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# which model, and which TF variable fills which timm tensor
+
+def _level(model_name: str) -> Optional[int]:
+    m = _LEVEL.fullmatch(model_name.split('.', 1)[0])
+    return int(m.group(1) or m.group(2)) if m else None
+
+
+@lru_cache(maxsize=None)
+def _expected(model_name: str) -> Tuple[TFTensor, ...]:
+    import timm
+    with torch.device('meta'):  # structure only: names and shapes without allocating weights
+        return tuple(tf_name_map(timm.create_model(model_name.split('.', 1)[0])))
+
+
+def _looks_like(found: Dict[str, Tuple[int, ...]]) -> Optional[int]:
+    """The level whose full name/shape set the checkpoint's weights match, if any."""
+    for v in VARIANTS:
+        expected = {e.tf_name: e.tf_shape for e in _expected(v.name)}
+        if all(found.get(k) == s for k, s in expected.items()):
+            return v.level
+    return None
+
+
+def model_for_checkpoint(scope: str, found: Dict[str, Tuple[int, ...]], family: str = 'advprop') -> str:
+    """Infer the model from the checkpoint: the scope name ``efficientnet-bN`` when the shapes agree,
+    else the variant whose shapes the checkpoint matches."""
+    m = re.fullmatch(r'efficientnet-b(\d)', scope)
+    if m and int(m.group(1)) < len(VARIANTS):
+        name = FAMILIES[family].format(m.group(1))
+        if all(found.get(e.tf_name) == e.tf_shape for e in _expected(name)):
+            return name
+    level = _looks_like(found)
+    if level is None:
+        raise WeightsError(f'cannot tell which EfficientNet scope {scope!r} holds: its shapes match none of B0-B8; '
+                           'pass --model')
+    return FAMILIES[family].format(level)
+
+
+def _check_model(name: str) -> str:
+    """A B-series model name, optionally with a pretrained tag (whose cfg, mean/std included, config.json records)."""
+    import timm
+    base = check_model_name(name)
+    if _level(base) is None:
+        raise WeightsError(f'--model {name}: this converter handles the B-series EfficientNets only '
+                           f'(efficientnet_b0_advprop ... efficientnet_b8_advprop, tf_efficientnet_b0 ... b8)')
+    if '.' in name and name not in timm.list_pretrained(f'{base}.*'):
+        tags = ', '.join(t.split('.', 1)[1] for t in timm.list_pretrained(f'{base}.*'))
+        raise WeightsError(f'--model {name}: {base} has no pretrained tag {name.split(".", 1)[1]!r} (tags: {tags})')
+    return name
+
+
+def _scope(ckpt: Checkpoint) -> str:
+    scopes = sorted({n.split('/', 1)[0] for n in ckpt.shapes if '/' in n and not is_bookkeeping(n)})
+    if len(scopes) != 1:
+        raise WeightsError(f'{ckpt.source}: expected one model scope (efficientnet-bN/...), found '
+                           f'{len(scopes)}: {", ".join(scopes[:5]) or "none"}')
+    return scopes[0]
+
+
+def _choose_copies(ckpt: Checkpoint, scope: str, use_ema: bool) -> Tuple[Dict[str, str], bool]:
+    """{name under scope: checkpoint variable}, taking every EMA twin (or every raw weight).
+    A checkpoint with twins for only some weights is refused: mixing them would be a silent error."""
+    raw, ema = set(), set()
+    for name in ckpt.shapes:
+        if is_bookkeeping(name) or not name.startswith(scope + '/'):
+            continue
+        (ema if name.endswith(EMA_SUFFIX) else raw).add(name)
+    twins = {n[:-len(EMA_SUFFIX)] for n in ema}
+    if use_ema and twins:
+        lone = sorted(raw - twins)
+        if lone:
+            raise WeightsError(f'{ckpt.source}: {len(lone)} weights have no EMA twin (first: {lone[0]}); '
+                               'pass --no-ema to convert the raw weights')
+        chosen = {n: n + EMA_SUFFIX for n in twins}
+    else:
+        lone = sorted(twins - raw)
+        if lone:
+            raise WeightsError(f'{ckpt.source}: {len(lone)} weights exist only as EMA copies (first: {lone[0]}); '
+                               'drop --no-ema')
+        chosen = {n: n for n in raw}
+    return {n[len(scope) + 1:]: v for n, v in chosen.items()}, bool(use_ema and twins)
+
+
+def _aux_bns(unexpected: Dict[str, Tuple[int, ...]], expected: Sequence[TFTensor]) -> Dict[str, str]:
+    """Pair leftover BN-shaped variable groups with the main BN they mirror: {TF layer: main BN's timm module}.
+
+    A leftover group pairs when its name is a main BN's with an ``aux`` marker added
+    (``.../aux_bn/tpu_batch_normalization_1``, ``..._aux``), or when a scope's leftover BNs continue its
+    main BNs' numbering (``tpu_batch_normalization_3``, ``_4``, ``_5`` beside ``_0`` ... ``_2``) and pair
+    with them in order, channel counts agreeing.
+    """
+    groups: Dict[str, int] = {}
+    for layer in {n.rsplit('/', 1)[0] for n in unexpected}:
+        shapes = {unexpected.get(f'{layer}/{v}') for v in _BN_LEAVES}
+        if len(shapes) == 1 and None not in shapes and len(next(iter(shapes))) == 1:
+            groups[layer] = next(iter(shapes))[0]
+    mains = {e.tf_layer: (e.timm_key.rsplit('.', 1)[0], e.shape[0]) for e in expected if e.tf_name.endswith('/gamma')}
+    paired: Dict[str, str] = {}
+    for layer, channels in groups.items():  # an explicit aux marker
+        plain = re.sub(r'/aux(iliary)?(_bn)?(?=/)|_aux(iliary)?(_bn)?$', '', layer)
+        if plain != layer and mains.get(plain, (None, None))[1] == channels:
+            paired[layer] = mains[plain][0]
+    by_scope: Dict[str, List[str]] = {}
+    for layer in groups:
+        if layer not in paired and re.search(r'/tpu_batch_normalization(_\d+)?$', layer):
+            by_scope.setdefault(layer.rsplit('/', 1)[0], []).append(layer)
+    number = lambda layer: int(layer.rsplit('_', 1)[1]) if layer[-1].isdigit() else 0  # noqa: E731
+    for scope, leftovers in by_scope.items():  # numbering continues after the main BNs
+        main_layers = sorted((m for m in mains if m.rsplit('/', 1)[0] == scope), key=number)
+        leftovers.sort(key=number)
+        if (len(leftovers) == len(main_layers) and number(leftovers[0]) == len(main_layers)
+                and all(groups[a] == mains[m][1] for a, m in zip(leftovers, main_layers))):
+            paired.update((a, mains[m][0]) for a, m in zip(leftovers, main_layers))
+    return paired
+
+
+def _first(names: Sequence[str], n: int = 3) -> str:
+    more = f' and {len(names) - n} more' if len(names) > n else ''
+    return ', '.join(names[:n]) + more
+
+
+def _check_complete(ckpt: Checkpoint, scope: str, model: str, found: Dict[str, Tuple[int, ...]],
+                    expected: Sequence[TFTensor], leftover: Sequence[str]) -> None:
+    """One line naming the first missing, unexpected and mis-shaped variables, with a guess at the variant."""
+    need = {e.tf_name: e.tf_shape for e in expected}
+    missing = sorted(n for n in need if n not in found)
+    misshaped = [f'{n} {list(found[n])} (model: {list(need[n])})' for n in need if n in found and found[n] != need[n]]
+    if not (missing or misshaped or leftover):
+        return
+    parts = []
+    if misshaped:
+        parts.append(f'{len(misshaped)} mis-shaped: {_first(misshaped, 2)}')
+    if missing:
+        parts.append(f'{len(missing)} missing: {_first(missing)}')
+    if leftover:
+        parts.append(f'{len(leftover)} unexpected: {_first(sorted(leftover))}')
+    level = _looks_like(found)
+    hint = f'; this looks like efficientnet-b{level}' if level is not None and _level(model) != level else ''
+    raise WeightsError(f'{ckpt.source}: scope {scope!r} does not fit {model}: {"; ".join(parts)}{hint}')
+
+
+# ---------------------------------------------------------------------------------------------------
+# conversion
+
+def _read(ckpt: Checkpoint, name: str) -> np.ndarray:
+    array = ckpt.read(name)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise WeightsError(f'{ckpt.source}: {name} is {array.dtype}, not a float weight')
+    if not np.isfinite(array).all():
+        bad = int(array.size - np.isfinite(array).sum())
+        raise WeightsError(f'{ckpt.source}: {name} holds {bad} NaN/Inf values')
+    return array if array.dtype == np.float32 else array.astype(np.float32)
+
+
+def _state_dict(ckpt: Checkpoint, chosen: Dict[str, str], expected: Sequence[TFTensor],
+                aux: Dict[str, str], model_keys: Sequence[str]) -> Dict[str, torch.Tensor]:
+    out: Dict[str, torch.Tensor] = {}
+    for e in expected:
+        out[e.timm_key] = tf_to_torch(_read(ckpt, chosen[e.tf_name]), e.layout)
+    for layer, bn in sorted(aux.items()):
+        for tensor, var in BN_VARIABLES.items():
+            out[aux_bn_key(bn, tensor)] = torch.from_numpy(_read(ckpt, chosen[f'{layer}/{var}']))
+        out[aux_bn_key(bn, 'num_batches_tracked')] = torch.tensor(0, dtype=torch.long)
+    for key in model_keys:  # TF keeps no BN step count: timm's own initial value
+        if key.endswith('.num_batches_tracked'):
+            out[key] = torch.tensor(0, dtype=torch.long)
+    return out
+
+
+def _check_output(path: Path, force: bool) -> None:
+    """Fail before the slow part, not after: an existing file (without --force) or a folder we cannot write."""
+    if path.exists() and not force:
+        raise WeightsError(f'{path}: already exists; pass --force to overwrite it')
+    if path.is_dir():
+        raise WeightsError(f'{path}: is a folder; name the output file')
+    if not path.parent.is_dir():
+        raise WeightsError(f'{path}: output folder {path.parent} does not exist')
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        raise WeightsError(f'{path}: cannot write to {path.parent} ({e.strerror or e})') from None
+
+
+def _write_config(model_name: str, path: Path) -> None:
+    """timm's own config.json (what ``local-dir:`` and the Hub read), written atomically."""
+    import timm
+    from timm.models._hub import save_config_for_hf
+    with torch.device('meta'):
+        model = timm.create_model(model_name)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_config_for_hf(model, f'{tmp}/config.json')
+        text = Path(tmp, 'config.json').read_text()
+    with atomic_write(path, 'w') as f:
+        f.write(text)
+
+
+def convert(
+        checkpoint: os.PathLike,
+        output: Optional[str],
+        model: Optional[str] = None,
+        use_ema: bool = True,
+        verify: bool = False,
+        config: bool = False,
+        force: bool = False,
+        family: str = 'advprop',
+        make_dirs: bool = False,
+) -> ConversionResult:
+    """Convert one TF checkpoint (tarball, folder or prefix) to timm safetensors at ``output``.
+
+    ``output`` may contain ``{model}``, filled with the (inferred) model name; ``make_dirs`` creates its
+    folder. Nothing is written unless the checkpoint fits the model completely and, with ``verify``,
+    Keras agrees on the logits. ``output=None`` converts and checks without writing.
+    """
+    start = time.perf_counter()
+    model = _check_model(model) if model else None
+    with open_checkpoint(checkpoint) as ckpt:
+        scope = _scope(ckpt)
+        chosen, ema = _choose_copies(ckpt, scope, use_ema)
+        found = {n: ckpt.shapes[v] for n, v in chosen.items()}
+        model = model or model_for_checkpoint(scope, found, family)
+        out = Path(str(output).format(model=model)) if output is not None else None
+        config_path = out.parent / 'config.json' if out is not None and config else None
+        if out is not None:
+            if make_dirs:
+                out.parent.mkdir(parents=True, exist_ok=True)
+            for path in filter(None, (out, config_path)):
+                _check_output(path, force)
+        expected = _expected(model)
+        need = {e.tf_name for e in expected}
+        unexpected = {n: s for n, s in found.items() if n not in need}
+        aux = _aux_bns(unexpected, expected)
+        leftover = [n for n in unexpected if n.rsplit('/', 1)[0] not in aux]
+        _check_complete(ckpt, scope, model, found, expected, leftover)
+        import timm
+        with torch.device('meta'):
+            meta = timm.create_model(model)
+        state_dict = _state_dict(ckpt, chosen, expected, aux, list(meta.state_dict()))
+        aux_keys = [k for k in state_dict if '.aux_bn.' in k]
+        check_state_dict(state_dict, meta, ignore=aux_keys)  # timm's own keys and shapes, every one
+        result = ConversionResult(Path(checkpoint), model, scope, ema, weights=len(chosen), aux_bns=len(aux),
+                                  ignored=len(ckpt.shapes) - len(chosen))
+        if verify:
+            from convert.keras_reference import verify_against_keras
+            result.verify = verify_against_keras(lambda n: ckpt.read(chosen[n]), need, model, _level(model),
+                                                 state_dict)
+        result.metadata = {
+            'format': 'pt',
+            'source': Path(checkpoint).name,
+            'source_sha256': json.dumps(ckpt.source_sha256(), sort_keys=True),
+            'variant': model,
+            'tf_scope': scope,
+            'ema': str(ema).lower(),
+            'aux_bns': str(len(aux)),
+            'converter': f'advprop-zoo convert/tf_to_timm.py {__version__}',
+        }
+    if out is not None:
+        save_weights(state_dict, out, metadata=result.metadata)
+        result.output = out
+        if config_path is not None:
+            try:
+                _write_config(model, config_path)
+            except BaseException:
+                out.unlink(missing_ok=True)  # the pair is the product: no weights without their config
+                raise
+            result.config = config_path
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def convert_batch(folder: os.PathLike, output_dir: os.PathLike, **kwargs) -> Tuple[List[List[str]], int]:
+    """Convert every tarball in ``folder`` to ``output_dir/<model>/model.safetensors`` (timm's
+    ``local-dir:`` layout) under one progress bar; returns the summary rows and how many failed."""
+    from tqdm import tqdm
+
+    from convert.tf_checkpoint import TARBALL_SUFFIXES
+    folder, output_dir = Path(folder), Path(output_dir)
+    if not folder.is_dir():
+        raise WeightsError(f'{folder}: no such folder')
+    tarballs = sorted(p for p in folder.iterdir() if p.name.endswith(TARBALL_SUFFIXES) and p.is_file())
+    if not tarballs:
+        raise WeightsError(f'{folder}: no tarballs ({", ".join("*" + s for s in TARBALL_SUFFIXES)}) in it')
+    output_dir.mkdir(parents=True, exist_ok=True)
+    template = str(output_dir / '{model}' / 'model.safetensors')
+    rows, failed, written = [], 0, set()
+    for tarball in tqdm(tarballs, desc='converting', unit='ckpt', file=sys.stderr, dynamic_ncols=True):
+        try:
+            r = convert(tarball, template, make_dirs=True, **kwargs)
+            if r.output in written:  # only reachable with --force: without it the second one finds the file
+                raise WeightsError(f'same variant as an earlier tarball of this batch: replaced its {r.output}')
+            written.add(r.output)
+            v = r.verify
+            rows.append([tarball.name, r.model, 'EMA' if r.ema else 'raw', r.aux_bns,
+                         f'{v.max_abs_diff:.1e}' if v else '-', f'{v.top1_agree}/{v.n}' if v else '-',
+                         str(r.output)])
+        except WeightsError as e:
+            failed += 1
+            rows.append([tarball.name, '-', '-', '-', '-', '-', f'FAILED: {e}'])
+    return rows, failed
+
+
+# ---------------------------------------------------------------------------------------------------
+# command line
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog='tf_to_timm.py',
+        description='Convert TF EfficientNet-B0..B8 checkpoints (AdvProp; also baseline, AutoAugment, RandAugment, '
+                    'NoisyStudent B-series) to timm safetensors. Writes nothing unless every model tensor is filled '
+                    'exactly once from the checkpoint and every weight variable in it is used.')
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument('--checkpoint', metavar='PATH',
+                     help='release tarball (.tar.gz/.tgz/.tar), extracted folder, or checkpoint prefix (model.ckpt)')
+    src.add_argument('--batch', metavar='DIR',
+                     help='convert every tarball in DIR; --output is then a folder that gets '
+                          '<model>/model.safetensors per tarball; one progress bar, a summary table at the end')
+    p.add_argument('--output', required=True, metavar='OUT',
+                   help='output .safetensors file; "{model}" in it is replaced by the model name '
+                        '(with --batch: the output folder)')
+    p.add_argument('--model', metavar='NAME',
+                   help='efficientnet_bX_advprop or tf_efficientnet_bX, optionally with a timm pretrained tag '
+                        '(tf_efficientnet_b3.aa_in1k) whose config (mean/std, crop) --config records; '
+                        'default: inferred from the scope name (efficientnet-bN) and the shapes')
+    p.add_argument('--family', choices=sorted(FAMILIES), default='advprop',
+                   help='name given to an inferred model: advprop -> efficientnet_bN_advprop (mean = std = 0.5), '
+                        'tf -> tf_efficientnet_bN (for the baseline/AutoAugment/RandAugment/NoisyStudent releases); '
+                        'default: %(default)s')
+    p.add_argument('--no-ema', action='store_true',
+                   help='convert the raw weights instead of their ExponentialMovingAverage twins '
+                        '(the release evaluates with the EMA twins)')
+    p.add_argument('--verify', action='store_true',
+                   help='load the same TF variables into Keras\'s own EfficientNet, feed both the same '
+                        'deterministic [-1, 1] input, and fail if max |logit difference| > 1e-4')
+    p.add_argument('--config', action='store_true',
+                   help='also write timm\'s config.json beside the output (with the output, a timm local-dir: folder '
+                        'when the output is named model.safetensors)')
+    p.add_argument('--force', action='store_true', help='overwrite existing output files')
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from advprop_zoo.names import UnknownModelError
+    from advprop_zoo.table import format_table
+    kwargs = dict(model=args.model, use_ema=not args.no_ema, verify=args.verify, config=args.config,
+                  force=args.force, family=args.family)
+    try:
+        if args.batch:
+            rows, failed = convert_batch(args.batch, args.output, **kwargs)
+            print(format_table(['tarball', 'model', 'weights', 'aux BNs', 'max |Δlogit|', 'top-1 agree', 'output'],
+                               rows, align='lllrrrl'))
+            if failed:
+                print(f'tf_to_timm.py: error: {failed} of {len(rows)} tarballs failed', file=sys.stderr)
+                return 1
+            return 0
+        result = convert(args.checkpoint, args.output, **kwargs)
+        print('\n'.join(result.lines()))
+        return 0
+    except (WeightsError, UnknownModelError) as e:
+        print(f'tf_to_timm.py: error: {e}', file=sys.stderr)
+        return 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
