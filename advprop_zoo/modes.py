@@ -1,0 +1,135 @@
+"""Training objectives: AdvProp and the baselines the paper and Fast AdvProp compare it with.
+
+One function, ``forward_loss``, computes the loss of one mini-batch for any mode, so every loop
+(ours, a user's own, a Lightning module) trains the same objective:
+
+* ``vanilla``: clean loss.
+* ``advprop`` (Xie et al., Algorithm 1): adversarial examples made through the auxiliary BNs; clean
+  loss through the main BNs plus adversarial loss through the auxiliary BNs, equal weights.
+* ``adv-train``: shared BNs, ``a * J(x) + (1 - a) * J(x_adv)`` (Kurakin et al.); ``a = 0`` is Madry's
+  min-max (adversarial loss only).
+* ``fast-advprop`` (Mei et al., ICLR 2022): only a fraction ``p_adv`` of the batch is attacked, with an
+  untargeted single step; the attack pass *is* the clean training pass for those images (its parameter
+  gradients are kept), so the step costs about ``1 + p_adv`` vanilla passes instead of ``k + 2``.
+"""
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .attacks import AttackConfig, attack
+from .dual_bn import bn_route, is_dual_bn
+
+__all__ = ['MODES', 'ModeConfig', 'StepLosses', 'forward_loss']
+
+MODES = ('vanilla', 'advprop', 'adv-train', 'fast-advprop')
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ModeConfig:
+    """How a step trains. ``attack`` budgets are in 0-255 pixel units (see ``advprop_zoo.attacks``)."""
+    mode: str = 'advprop'
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    adv_weight: float = 1.0  # advprop / fast-advprop: loss = clean + adv_weight * adversarial
+    clean_weight: float = 0.5  # adv-train: a in a * J(x) + (1 - a) * J(x_adv)
+    p_adv: float = 0.2  # fast-advprop: fraction of each batch that is attacked
+    split_bn: bool = True  # advprop: one pass over [clean; adv] through split BNs instead of two passes
+    attack_bn_mode: str = 'train'  # BN statistics the attack sees: batch ('train') or running ('eval')
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f'unknown training mode {self.mode!r}; choose one of {", ".join(MODES)}')
+        if not 0 <= self.clean_weight <= 1:
+            raise ValueError(f'clean weight must be in [0, 1], got {self.clean_weight}')
+        if not 0 < self.p_adv <= 1:
+            raise ValueError(f'p_adv must be in (0, 1], got {self.p_adv}')
+        if self.attack_bn_mode not in ('train', 'eval'):
+            raise ValueError(f"attack BN mode must be 'train' or 'eval', got {self.attack_bn_mode!r}")
+
+    @property
+    def needs_dual_bn(self) -> bool:
+        return self.mode in ('advprop', 'fast-advprop')
+
+
+@dataclass
+class StepLosses:
+    """``loss`` is what to back-propagate (Fast AdvProp's attack-pass gradients are already in
+    ``param.grad``); ``clean``/``adv`` are detached parts for logging; ``n_adv`` images were attacked."""
+    loss: torch.Tensor
+    clean: torch.Tensor
+    adv: Optional[torch.Tensor] = None
+    n_adv: int = 0
+
+
+def forward_loss(
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        criterion: Criterion,
+        cfg: ModeConfig,
+        mean: Sequence[float],
+        std: Sequence[float],
+        autocast_dtype: Optional[torch.dtype] = None,
+        grad_scale: float = 1.0,
+) -> StepLosses:
+    """The loss of one batch ``x`` (model space, normalised with ``mean``/``std``) under ``cfg.mode``.
+
+    ``grad_scale`` is the caller's GradScaler scale (fp16), applied to the gradients Fast AdvProp
+    accumulates during its attack pass so they match the scaled loss the caller back-propagates.
+    """
+    if cfg.needs_dual_bn and not any(is_dual_bn(m) for m in model.modules()):
+        raise ValueError(f'{cfg.mode} needs auxiliary BNs: convert the model with advprop_zoo.to_dual_bn(model)')
+    amp = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+
+    def make_adv(xs, ys, route, config=cfg.attack, weight=0.0):
+        return attack(model, xs, ys, config, mean, std, bn_route=route, mode=cfg.attack_bn_mode,
+                      param_grad_weight=weight, autocast_dtype=autocast_dtype)
+
+    if cfg.mode == 'vanilla':
+        with amp:
+            clean = criterion(model(x), y)
+        return StepLosses(clean, clean.detach())
+
+    if cfg.mode == 'advprop':
+        x_adv = make_adv(x, y, 'aux')
+        if cfg.split_bn:
+            with bn_route(model, 'split'), amp:
+                logits = model(torch.cat([x, x_adv]))
+            clean, adv = criterion(logits[:len(x)], y), criterion(logits[len(x):], y)
+        else:
+            with amp:
+                clean = criterion(model(x), y)
+            with bn_route(model, 'aux'), amp:
+                adv = criterion(model(x_adv), y)
+        return StepLosses(clean + cfg.adv_weight * adv, clean.detach(), adv.detach(), len(x))
+
+    if cfg.mode == 'adv-train':
+        x_adv = make_adv(x, y, None)
+        a = cfg.clean_weight
+        if a == 0:  # Madry: adversarial examples only
+            with amp:
+                adv = criterion(model(x_adv), y)
+            return StepLosses(adv, adv.detach().new_tensor(float('nan')), adv.detach(), len(x))
+        with amp:  # shared BNs: one batch of clean and adversarial images, as Kurakin et al.
+            logits = model(torch.cat([x, x_adv]))
+        clean, adv = criterion(logits[:len(x)], y), criterion(logits[len(x):], y)
+        return StepLosses(a * clean + (1 - a) * adv, clean.detach(), adv.detach(), len(x))
+
+    # fast-advprop
+    n = len(x)
+    k = min(n, max(1, round(cfg.p_adv * n)))
+    one_step = AttackConfig(kind='pgd', eps=cfg.attack.eps, steps=1, step_size=max(cfg.attack.eps, 1e-12),
+                            targeted=False, random_start=False)
+    # the attack pass over x[:k] runs the main BNs on clean images: its parameter gradients are the
+    # clean-loss gradients of those k images, weighted k/n so the clean term stays the mean over all n
+    x_adv = make_adv(x[:k], y[:k], 'main', one_step, weight=grad_scale * k / n)
+    clean = x.new_zeros(())
+    if k < n:
+        with amp:
+            clean = criterion(model(x[k:]), y[k:]) * ((n - k) / n)
+    with bn_route(model, 'aux'), amp:
+        adv = criterion(model(x_adv), y[:k])
+    return StepLosses(clean + cfg.adv_weight * adv, clean.detach(), adv.detach(), k)

@@ -1,0 +1,62 @@
+"""Run logs: one CSV row per epoch (written as it happens), a JSON summary, and a plot of the curves."""
+import csv
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from advprop_zoo.weights import atomic_write
+
+__all__ = ['RunLog']
+
+
+class RunLog:
+    """``log.csv`` grows one row per epoch (flushed, so a crashed run keeps its history); ``summary.json``
+    and ``curves.png`` are written atomically at the end."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.rows: List[Dict[str, Any]] = []
+
+    def append(self, row: Dict[str, Any]) -> None:
+        path = self.folder / 'log.csv'
+        new = not self.rows
+        with open(path, 'w' if new else 'a', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow({k: '' if v is None else v for k, v in row.items()})
+        self.rows.append(row)
+
+    def write_summary(self, summary: Dict[str, Any]) -> Path:
+        path = self.folder / 'summary.json'
+        with atomic_write(path, 'w') as f:
+            json.dump({**summary, 'epochs_log': self.rows}, f, indent=2, default=str)
+        return path
+
+    def plot(self, title: str = '') -> Optional[str]:
+        """Loss and validation top-1 against epoch; None (and no file) without matplotlib."""
+        try:
+            import matplotlib
+            matplotlib.use('Agg')
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        epochs = [r['epoch'] for r in self.rows]
+        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+        ax_loss.plot(epochs, [r['clean_loss'] for r in self.rows], label='clean loss')
+        if any(r.get('adv_loss') is not None for r in self.rows):
+            ax_loss.plot(epochs, [r['adv_loss'] for r in self.rows], label='adversarial loss')
+        ax_loss.set_xlabel('epoch')
+        ax_loss.set_ylabel('loss')
+        ax_loss.legend()
+        ax_acc.plot(epochs, [r['val_top1'] for r in self.rows], label='val top-1', color='tab:green')
+        ax_acc.set_xlabel('epoch')
+        ax_acc.set_ylabel('top-1 (%)')
+        ax_acc.legend()
+        fig.suptitle(title)
+        fig.tight_layout()
+        path = self.folder / 'curves.png'
+        with atomic_write(path) as f:
+            fig.savefig(f, format='png', dpi=100)
+        plt.close(fig)
+        return str(path)
