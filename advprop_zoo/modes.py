@@ -74,18 +74,24 @@ def forward_loss(
         std: Sequence[float],
         autocast_dtype: Optional[torch.dtype] = None,
         grad_scale: float = 1.0,
+        attack_model: Optional[nn.Module] = None,
 ) -> StepLosses:
     """The loss of one batch ``x`` (model space, normalised with ``mean``/``std``) under ``cfg.mode``.
 
     ``grad_scale`` is the caller's GradScaler scale (fp16), applied to the gradients Fast AdvProp
     accumulates during its attack pass so they match the scaled loss the caller back-propagates.
+    ``attack_model`` is what the attack runs (default ``model``): under DDP, the wrapped module, since
+    DDP must only see the training passes (Fast AdvProp's attack-pass gradients, accumulated in
+    ``param.grad``, are still averaged over ranks by the training backward).
     """
     if cfg.needs_dual_bn and not any(is_dual_bn(m) for m in model.modules()):
         raise ValueError(f'{cfg.mode} needs auxiliary BNs: convert the model with advprop_zoo.to_dual_bn(model)')
     amp = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
 
+    attacked = model if attack_model is None else attack_model
+
     def make_adv(xs, ys, route, config=cfg.attack, weight=0.0):
-        return attack(model, xs, ys, config, mean, std, bn_route=route, mode=cfg.attack_bn_mode,
+        return attack(attacked, xs, ys, config, mean, std, bn_route=route, mode=cfg.attack_bn_mode,
                       param_grad_weight=weight, autocast_dtype=autocast_dtype)
 
     if cfg.mode == 'vanilla':

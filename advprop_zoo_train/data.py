@@ -1,16 +1,25 @@
-"""Data for the train loop: folder checks, the embedded digits dataset, and timm loaders.
+"""Data for the train loop: folder checks, the embedded digits dataset, and loaders.
 
-Loading is timm's (``create_dataset`` / ``create_loader`` / ``create_transform`` with the model's data
-config); this module only checks a folder before a long run starts and materialises the one dataset
-that ships with a registry package, so ``advprop-zoo train`` runs with no download.
+Datasets and transforms are timm's (``create_dataset``, ``create_transform`` with the model's data
+config; the eval loader is timm's ``create_loader``). The train loader adds two things timm's does not
+have and resuming bit-exactly needs: a sampler whose order is a function of (seed, epoch) and that can
+start mid-epoch, and augmentation randomness drawn per image from (seed, epoch, index), so a sample
+looks the same whichever process, worker or restart loads it. The sampler shards like
+``DistributedSampler``: rank r of w takes every w-th index of the epoch's permutation, so w ranks
+with batch b see the same images per step as one process with batch w * b.
 """
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
-__all__ = ['DataError', 'check_image_folder', 'digits_folder', 'create_loaders']
+import torch
+from torch.utils.data import Dataset, Sampler
+
+__all__ = ['DataError', 'check_image_folder', 'digits_folder', 'create_loaders', 'ResumableSampler',
+           'SeededDataset']
 
 IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.ppm', '.webp', '.tif', '.tiff')
 DIGITS_SIZE = 32  # sklearn's 8x8 digits, upsampled so a real EfficientNet stem has room
@@ -94,22 +103,81 @@ def digits_folder(cache_dir: Optional[os.PathLike] = None) -> Path:
     return root
 
 
-def create_loaders(args, data_config: Dict, distributed: bool = False):
-    """timm train and eval loaders for ``args.data_dir`` with the model's ``data_config``."""
-    from timm.data import create_dataset, create_loader
+class ResumableSampler(Sampler):
+    """Yields ``(epoch, index)`` for this rank's share of the epoch's permutation, from batch ``start``.
+
+    The permutation depends only on ``(seed, epoch)``; the tail that does not fill a batch on every rank
+    is dropped, so every rank takes the same number of steps and batches stay even.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start = 0, 0
+        self.steps_per_epoch = size // (batch_size * world_size)
+        if self.steps_per_epoch == 0:
+            raise DataError(f'{size} training images are fewer than one global batch '
+                            f'({batch_size} x {world_size} process(es))')
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start = epoch, start_batch
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.size, generator=g)[:self.steps_per_epoch * self.batch_size * self.world_size]
+        mine = order[self.rank::self.world_size].tolist()
+        for i in mine[self.start * self.batch_size:]:
+            yield self.epoch, i
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start) * self.batch_size
+
+
+class SeededDataset(Dataset):
+    """Wraps a timm dataset so the transform of sample ``index`` in ``epoch`` draws its randomness
+    (python, numpy, torch) from a seed of ``(seed, epoch, index)``, restoring the RNGs afterwards."""
+
+    def __init__(self, dataset: Dataset, seed: int = 0):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Tuple[int, int]):
+        import numpy as np
+        epoch, index = key
+        h = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.seed(h)
+        np.random.seed(h % (2 ** 32))
+        torch.manual_seed(h)
+        try:
+            return self.dataset[index]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+
+
+def create_loaders(args, data_config: Dict, rank: int = 0, world_size: int = 1):
+    """Train loader (resumable, seeded) and timm eval loader for ``args.data_dir``."""
+    from timm.data import create_dataset, create_loader, create_transform
 
     train_dir, val_dir, classes = resolve_splits(args.data_dir)
-    ds_train = create_dataset('', root=str(train_dir), is_training=True, seed=args.seed)
+    common = dict(input_size=data_config['input_size'], interpolation=data_config['interpolation'],
+                  mean=data_config['mean'], std=data_config['std'])
+    ds_train = create_dataset('', root=str(train_dir), is_training=True)
+    ds_train.transform = create_transform(
+        is_training=True, scale=tuple(args.scale), hflip=args.hflip, auto_augment=args.aa, re_prob=args.reprob,
+        **common)
+    sampler = ResumableSampler(len(ds_train), args.batch_size, seed=args.seed, rank=rank, world_size=world_size)
+    train = torch.utils.data.DataLoader(
+        SeededDataset(ds_train, seed=args.seed), batch_size=args.batch_size, sampler=sampler,
+        num_workers=args.workers, pin_memory=args.device.startswith('cuda'), drop_last=True,
+        persistent_workers=False, generator=torch.Generator().manual_seed(args.seed))  # leaves the global RNG alone
     ds_val = create_dataset('', root=str(val_dir), is_training=False)
-    common = dict(
-        input_size=data_config['input_size'], interpolation=data_config['interpolation'],
-        mean=data_config['mean'], std=data_config['std'], num_workers=args.workers,
-        distributed=distributed, use_prefetcher=False, pin_memory=args.device.startswith('cuda'),
-    )
-    train = create_loader(
-        ds_train, batch_size=args.batch_size, is_training=True, scale=tuple(args.scale), hflip=args.hflip,
-        auto_augment=args.aa, re_prob=args.reprob, **common)
     val = create_loader(
         ds_val, batch_size=args.eval_batch_size or args.batch_size, is_training=False,
-        crop_pct=data_config['crop_pct'], **common)
+        crop_pct=data_config['crop_pct'], num_workers=args.workers, distributed=world_size > 1,
+        use_prefetcher=False, pin_memory=args.device.startswith('cuda'), **common)
     return train, val, classes

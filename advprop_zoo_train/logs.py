@@ -13,11 +13,21 @@ class RunLog:
     """``log.csv`` grows one row per epoch (flushed, so a crashed run keeps its history); ``summary.json``
     and ``curves.png`` are written atomically at the end."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, enabled: bool = True):
         self.folder = Path(folder)
+        self.enabled = enabled  # only the primary rank of a distributed run writes
         self.rows: List[Dict[str, Any]] = []
 
+    def restore(self, rows: List[Dict[str, Any]]) -> None:
+        """Continue a resumed run's log: rewrite log.csv from the checkpoint's rows."""
+        self.rows = []
+        for row in rows:
+            self.append(row)
+
     def append(self, row: Dict[str, Any]) -> None:
+        if not self.enabled:
+            self.rows.append(row)
+            return
         path = self.folder / 'log.csv'
         new = not self.rows
         with open(path, 'w' if new else 'a', newline='') as f:

@@ -113,6 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--eval-attack-eps', type=float, default=None,
                    help='PGD budget (pixel units) for the final robust accuracy; default: the training eps')
     g.add_argument('--no-progress', action='store_true', help='no progress bar')
+    g = p.add_argument_group('checkpoints and faults')
+    g.add_argument('--checkpoint-every', type=int, default=0,
+                   help='also checkpoint every N steps (one is always written at each epoch end)')
+    g.add_argument('--keep-checkpoints', type=int, default=3, help='keep the newest K checkpoints')
+    g.add_argument('--resume', default=None, metavar='PATH|auto',
+                   help='resume from a checkpoint folder, or the newest one under --output/checkpoints (auto)')
+    g.add_argument('--max-steps', type=int, default=None,
+                   help='stop after this many optimizer steps in total (checkpointed; resume continues)')
+    g.add_argument('--dist-timeout', type=float, default=600.0,
+                   help='seconds a collective may wait before a torchrun job with a dead rank fails')
+    g.add_argument('--no-sync-bn', action='store_true', help='torchrun: keep BN statistics per rank')
     return p
 
 
@@ -148,8 +159,9 @@ def _output_dir(args) -> Path:
 
 
 def train(args: argparse.Namespace) -> TrainResult:
-    """Run one training job described by parsed ``args``. Raises TrainingError / DataError /
-    ValueError on bad input, before anything long starts where it can."""
+    """Run one training job described by parsed ``args``, in this process or as one rank of a torchrun
+    job. Raises TrainingError / CheckpointError / DataError / ValueError on bad input, before anything
+    long starts where it can."""
     import timm
     from timm.data import resolve_data_config
     from timm.loss import LabelSmoothingCrossEntropy
@@ -158,13 +170,16 @@ def train(args: argparse.Namespace) -> TrainResult:
     from timm.utils import ModelEmaV3
 
     import advprop_zoo  # noqa: F401  registers the zoo
-    from advprop_zoo.dual_bn import to_dual_bn
+    from advprop_zoo.dual_bn import convert_sync_dual_bn, to_dual_bn
     from advprop_zoo.fold import fold_dual_bn
     from advprop_zoo.modes import ModeConfig, forward_loss
     from advprop_zoo.names import check_model_name
     from advprop_zoo.weights import save_weights
 
+    from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, \
+        set_rng_state
     from .data import create_loaders, digits_folder, resolve_splits
+    from .distributed import all_reduce_sum, init_distributed
     from .logs import RunLog
 
     if args.data_dir is None:
@@ -175,15 +190,16 @@ def train(args: argparse.Namespace) -> TrainResult:
     check_model_name(args.model)
     if args.batch_size < 1 or args.epochs < 1:
         raise ValueError('--batch-size and --epochs must be >= 1')
+    if args.resume == 'auto' and not args.output:
+        raise ValueError('--resume auto needs --output: the run folder to look for checkpoints in')
     attack_cfg = _attack_config(args, args.model)
     mode = ModeConfig(mode=args.mode, attack=attack_cfg, adv_weight=args.adv_weight,
                       clean_weight=args.clean_weight, p_adv=args.p_adv, split_bn=not args.two_pass,
                       attack_bn_mode=args.attack_bn_mode)
     _, _, classes = resolve_splits(args.data_dir)  # fail on a bad folder before building anything
-    device = torch.device(args.device)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise ValueError('--device cuda given but no CUDA device is available')
     amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, None: None}[args.amp]
+    dist_info = init_distributed(args.device, timeout_s=args.dist_timeout)
+    device, primary = dist_info.device, dist_info.primary
     _seed_everything(args.seed)
 
     model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes or len(classes),
@@ -192,106 +208,205 @@ def train(args: argparse.Namespace) -> TrainResult:
     data_config = resolve_data_config(overrides, model=model)
     if mode.needs_dual_bn:
         model = to_dual_bn(model)
+    if dist_info.distributed and not args.no_sync_bn:
+        model = convert_sync_dual_bn(model)  # clean and adversarial statistics each reduced over all ranks
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    train_loader, val_loader, _ = create_loaders(args, data_config)
+    train_loader, val_loader, _ = create_loaders(args, data_config, dist_info.rank, dist_info.world_size)
+    sampler = train_loader.sampler
+    steps_per_epoch = sampler.steps_per_epoch
 
-    lr = args.lr if args.lr is not None else args.lr_base * args.batch_size / 256
+    global_batch = args.batch_size * dist_info.world_size
+    lr = args.lr if args.lr is not None else args.lr_base * global_batch / 256
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum, **({'eps': args.opt_eps} if 'rmsprop' in args.opt else {}))
     scheduler, num_epochs = create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
         decay_rate=args.decay_rate, warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr, min_lr=args.min_lr,
-        step_on_epochs=False, updates_per_epoch=len(train_loader))
+        step_on_epochs=False, updates_per_epoch=steps_per_epoch)
     ema = ModelEmaV3(model, decay=args.model_ema_decay, device=device) if args.model_ema else None
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     criterion = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else torch.nn.CrossEntropyLoss()
-    step_model = torch.compile(model) if args.compile else model
 
-    out = _output_dir(args)
-    log = RunLog(out)
-    (out / 'args.json').write_text(json.dumps(vars(args), indent=2, default=str))
+    out = _output_dir(args) if primary else Path(args.output or '.')
+    ckpt_dir = out / 'checkpoints'
+    identity = {'model': args.model, 'mode': args.mode, 'num_classes': model.num_classes,
+                'batch_size': args.batch_size, 'world_size': dist_info.world_size, 'seed': args.seed}
+    log = RunLog(out, enabled=primary)
+    num_updates, start_epoch, start_batch = 0, 0, 0
+    resume_from = latest_checkpoint(ckpt_dir) if args.resume == 'auto' else (
+        Path(args.resume) if args.resume else None)
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from, identity, model)  # verified before anything is touched
+        model.load_state_dict(ckpt['model'])
+        state = ckpt['state']
+        optimizer.load_state_dict(state['optimizer'])
+        scheduler.load_state_dict(state['scheduler'])
+        if scaler is not None and state.get('scaler'):
+            scaler.load_state_dict(state['scaler'])
+        if ema is not None:
+            if ckpt['ema'] is None:
+                raise CheckpointError(f'{resume_from}: has no EMA weights but this run keeps an EMA (--model-ema)')
+            ema.module.load_state_dict(ckpt['ema'])
+        num_updates, start_epoch, start_batch = state['step'], state['epoch'], state['batch']
+        set_rng_state(state['rng'][dist_info.rank] if isinstance(state['rng'], list) else state['rng'])
+        log.restore(state['log'])
+        if primary:
+            print(f'resumed from {resume_from} at step {num_updates} (epoch {start_epoch + 1}, batch {start_batch})')
+    if primary:
+        (out / 'args.json').write_text(json.dumps(vars(args), indent=2, default=str))
+
+    train_model = model
+    if dist_info.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == 'cuda' else None,
+            broadcast_buffers=args.no_sync_bn)
+    step_model = torch.compile(train_model) if args.compile else train_model
+    attack_model = torch.compile(model) if args.compile and dist_info.distributed else (
+        model if dist_info.distributed else step_model)  # DDP must not see the attack's input-only backward
     mean, std = data_config['mean'], data_config['std']
-    num_updates, start = 0, time.perf_counter()
-    progress = not args.no_progress
-    for epoch in range(num_epochs):
+    start = time.perf_counter()
+    progress = primary and not args.no_progress
+    last_ckpt: Optional[Path] = resume_from
+
+    def checkpoint(epoch: int, batch: int) -> Optional[Path]:
+        state = {'step': num_updates, 'epoch': epoch, 'batch': batch, 'optimizer': optimizer.state_dict(),
+                 'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict() if scaler else None,
+                 'rng': _gather_rng(rng_state(), dist_info), 'log': log.rows}
+        if not primary:
+            return None
+        return save_checkpoint(ckpt_dir, num_updates, model.state_dict(), state, identity,
+                               ema_state=ema.module.state_dict() if ema is not None else None,
+                               keep=args.keep_checkpoints)
+
+    stop = False
+    for epoch in range(start_epoch, num_epochs):
         model.train()
-        sums = {'loss': 0.0, 'clean': 0.0, 'adv': 0.0}
-        seen, t0 = 0, time.perf_counter()
+        sampler.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
+        sums = [0.0, 0.0, 0.0, 0.0]  # loss, clean, adv, images (this rank)
+        t0 = time.perf_counter()
         batches = train_loader
         if progress:
             from tqdm import tqdm
             batches = tqdm(train_loader, desc=f'{args.mode} epoch {epoch + 1}/{num_epochs}', unit='batch',
                            leave=False, dynamic_ncols=True)
+        batch_index = sampler.start
         for x, y in batches:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             losses = forward_loss(step_model, x, y, criterion, mode, mean, std, autocast_dtype=amp_dtype,
-                                  grad_scale=scaler.get_scale() if scaler else 1.0)
+                                  grad_scale=scaler.get_scale() if scaler else 1.0, attack_model=attack_model)
             if not torch.isfinite(losses.loss):
-                raise TrainingError(
-                    f'non-finite loss ({losses.loss.item()}) at epoch {epoch + 1}, step {num_updates + 1}; '
-                    f'stopped before the update, nothing was written for this step (run folder: {out})')
+                raise TrainingError(_nan_message('loss', losses.loss.item(), epoch, num_updates, last_ckpt))
             if scaler is not None:
                 scaler.scale(losses.loss).backward()
-                if args.clip_grad:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
+                scaler.unscale_(optimizer)
             else:
                 losses.loss.backward()
-                if args.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            grad_norm = _grad_norm(model, args.clip_grad)
+            if scaler is None and not torch.isfinite(grad_norm):
+                raise TrainingError(_nan_message('gradient norm', grad_norm.item(), epoch, num_updates, last_ckpt))
+            if scaler is not None:
+                scaler.step(optimizer)  # skips the update when fp16 gradients overflowed
+                scaler.update()
+            else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             num_updates += 1
+            batch_index += 1
             if ema is not None:
                 ema.update(model, step=num_updates)
             scheduler.step_update(num_updates=num_updates)
-            seen += len(x)
-            sums['loss'] += losses.loss.item() * len(x)
-            sums['clean'] += losses.clean.item() * len(x)
-            sums['adv'] += (losses.adv.item() if losses.adv is not None else 0.0) * len(x)
+            n = len(x)
+            sums[0] += losses.loss.item() * n
+            sums[1] += losses.clean.item() * n
+            sums[2] += (losses.adv.item() if losses.adv is not None else 0.0) * n
+            sums[3] += n
             if progress:
-                rate = seen / (time.perf_counter() - t0)
-                post = {'img/s': f'{rate:.0f}', 'clean': f'{losses.clean.item():.3f}'}
+                post = {'img/s': f'{sums[3] * dist_info.world_size / (time.perf_counter() - t0):.0f}',
+                        'clean': f'{losses.clean.item():.3f}'}
                 if losses.adv is not None:
                     post['adv'] = f'{losses.adv.item():.3f}'
                 batches.set_postfix(post)
+            if args.max_steps and num_updates >= args.max_steps:
+                stop = True
+            if (args.checkpoint_every and num_updates % args.checkpoint_every == 0) or stop:
+                last_ckpt = checkpoint(epoch, batch_index) or last_ckpt
+            if stop:
+                break
+        if stop and batch_index < steps_per_epoch:
+            break  # stopped mid-epoch by --max-steps: the checkpoint above resumes here
         scheduler.step(epoch + 1)
-        metrics = _evaluate(model, val_loader, mean, std, device, amp_dtype, args.channels_last)
-        row = {'epoch': epoch + 1, 'lr': optimizer.param_groups[0]['lr'],
-               'train_loss': sums['loss'] / max(seen, 1), 'clean_loss': sums['clean'] / max(seen, 1),
-               'adv_loss': sums['adv'] / max(seen, 1) if args.mode != 'vanilla' else None,
+        loss, clean, adv, seen = all_reduce_sum(sums, dist_info)
+        metrics = _evaluate(model, val_loader, mean, std, device, amp_dtype, args.channels_last, dist_info)
+        row = {'epoch': epoch + 1, 'step': num_updates, 'lr': optimizer.param_groups[0]['lr'],
+               'train_loss': loss / seen, 'clean_loss': clean / seen,
+               'adv_loss': adv / seen if args.mode != 'vanilla' else None,
                'val_top1': metrics['top1'], 'images_per_s': seen / (time.perf_counter() - t0)}
         log.append(row)
         if progress:
             print(f'{args.mode} epoch {epoch + 1}/{num_epochs}: loss {row["train_loss"]:.4f} '
                   f'val top-1 {row["val_top1"]:.2f}% ({row["images_per_s"]:.0f} img/s)')
+        last_ckpt = checkpoint(epoch + 1, 0) or last_ckpt
+        if stop:
+            break
 
-    plain = fold_dual_bn(copy.deepcopy(model)) if mode.needs_dual_bn else model
-    meta = {'format': 'pt', 'model': args.model, 'mode': args.mode, 'attack': str(attack_cfg),
-            'epochs': str(num_epochs), 'advprop_zoo': advprop_zoo.__version__}
-    weights = save_weights(plain.state_dict(), out / 'model.safetensors', metadata=meta)
-    if ema is not None:
-        ema_plain = fold_dual_bn(copy.deepcopy(ema.module)) if mode.needs_dual_bn else ema.module
-        save_weights(ema_plain.state_dict(), out / 'model_ema.safetensors', metadata={**meta, 'ema': 'true'})
+    plain = fold_dual_bn(copy.deepcopy(model)) if mode.needs_dual_bn else copy.deepcopy(model)
+    finished = not stop or num_updates >= num_epochs * steps_per_epoch
     summary = {'model': args.model, 'mode': args.mode, 'attack': str(attack_cfg), 'epochs': num_epochs,
-               'train_seconds': time.perf_counter() - start, 'val_top1': log.rows[-1]['val_top1'],
-               'weights': str(weights), 'output': str(out), 'data_config': {k: data_config[k] for k in (
-                   'input_size', 'mean', 'std', 'interpolation', 'crop_pct')}}
-    summary['plot'] = log.plot(title=f'{args.model} {args.mode}')
-    log.write_summary(summary)
+               'steps': num_updates, 'finished': finished, 'world_size': dist_info.world_size,
+               'train_seconds': time.perf_counter() - start,
+               'val_top1': log.rows[-1]['val_top1'] if log.rows else None, 'output': str(out),
+               'last_checkpoint': str(last_ckpt) if last_ckpt else None,
+               'data_config': {k: data_config[k] for k in ('input_size', 'mean', 'std', 'interpolation', 'crop_pct')}}
+    if primary and finished:
+        meta = {'format': 'pt', 'model': args.model, 'mode': args.mode, 'attack': str(attack_cfg),
+                'epochs': str(num_epochs), 'advprop_zoo': advprop_zoo.__version__}
+        summary['weights'] = str(save_weights(plain.state_dict(), out / 'model.safetensors', metadata=meta))
+        if ema is not None:
+            ema_plain = fold_dual_bn(copy.deepcopy(ema.module)) if mode.needs_dual_bn else ema.module
+            save_weights(ema_plain.state_dict(), out / 'model_ema.safetensors',
+                         metadata={**meta, 'ema': 'true'})
+        summary['plot'] = log.plot(title=f'{args.model} {args.mode}')
+        log.write_summary(summary)
     return TrainResult(summary, plain, val_loader, data_config)
 
 
-def _evaluate(model, loader, mean, std, device, amp_dtype, channels_last):
+def _grad_norm(model: torch.nn.Module, clip: Optional[float]) -> torch.Tensor:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if clip:
+        return torch.nn.utils.clip_grad_norm_(params, clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+
+
+def _gather_rng(state: Dict[str, Any], info) -> Any:
+    """Every rank's RNG state (a list indexed by rank) in a distributed run, this process's otherwise."""
+    if not info.distributed:
+        return state
+    import torch.distributed as dist
+    states = [None] * info.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def _nan_message(what: str, value: float, epoch: int, step: int, last_ckpt: Optional[Path]) -> str:
+    where = f'last good checkpoint: {last_ckpt}' if last_ckpt else 'no checkpoint was written yet'
+    return (f'non-finite {what} ({value}) at epoch {epoch + 1}, step {step + 1}; stopped before the update '
+            f'({where}; resume from it with --resume, perhaps with a lower --lr or --clip-grad)')
+
+
+def _evaluate(model, loader, mean, std, device, amp_dtype, channels_last, dist_info):
+    """Clean validation top-1 / top-5, summed over ranks (timm's eval sampler pads the last shard)."""
     from advprop_zoo.evaluate import evaluate_accuracy
-    return evaluate_accuracy(model, loader, mean, std, device=device, autocast_dtype=amp_dtype,
-                             channels_last=channels_last)
+    from .distributed import all_reduce_sum
+    m = evaluate_accuracy(model, loader, mean, std, device=device, autocast_dtype=amp_dtype,
+                          channels_last=channels_last)
+    c1, c5, n = all_reduce_sum([m['top1'] * m['images'] / 100, m['top5'] * m['images'] / 100, m['images']],
+                               dist_info)
+    return {'top1': 100 * c1 / n, 'top5': 100 * c5 / n, 'images': n}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -49,7 +49,7 @@ def test_train_writes_folded_weights_log_and_plot(folder, tmp_path, mode):
     plain.load_state_dict(weights, strict=True)  # the folded result is the plain timm model
     summary = json.loads((out / 'summary.json').read_text())
     assert summary['mode'] == mode and len(summary['epochs_log']) == 1
-    assert (out / 'log.csv').read_text().splitlines()[0].startswith('epoch,lr,train_loss')
+    assert (out / 'log.csv').read_text().splitlines()[0].startswith('epoch,step,lr,train_loss')
     assert (out / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     assert result.summary['attack'] == 'PGD3_eps2'
 

@@ -1,0 +1,64 @@
+"""torch.distributed under torchrun: process-group setup, rank-aware device choice, metric reduction.
+
+The run is distributed when torchrun's ``WORLD_SIZE`` > 1: gloo on CPU, nccl on CUDA, with a finite
+collective timeout so a rank that dies ends the others with an error instead of a silent hang
+(torchrun's agent then stops the job and names the failed rank).
+"""
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = ['DistInfo', 'init_distributed', 'all_reduce_sum', 'cleanup']
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device('cpu')
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def primary(self) -> bool:
+        """Only the primary process writes files and prints the progress bar."""
+        return self.rank == 0
+
+
+def init_distributed(device: str, timeout_s: float = 600.0) -> DistInfo:
+    """Join the torchrun job described by the environment, if there is one, and pick this rank's device."""
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    rank = int(os.environ.get('RANK', '0'))
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    dev = torch.device(device)
+    if dev.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise ValueError('--device cuda given but no CUDA device is available')
+        if dev.index is None:
+            dev = torch.device('cuda', local_rank)
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        backend = 'nccl' if dev.type == 'cuda' else 'gloo'
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return DistInfo(rank, local_rank, world_size, dev)
+
+
+def all_reduce_sum(values: Sequence[float], info: DistInfo) -> list:
+    """Sum a few numbers over all ranks (identity in a single process)."""
+    if not info.distributed:
+        return list(values)
+    t = torch.tensor(list(values), dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.distributed and dist.is_initialized():
+        dist.destroy_process_group()
