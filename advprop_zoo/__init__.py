@@ -8,6 +8,12 @@ from .efficientnet_advprop import (
     DEFAULT_TAG, HUB_ORG, VARIANTS, ZOO_TAG, AdvPropVariant, PaperAttacker, get_variant, paper_attacker,
 )
 from .names import UnknownModelError, check_model_name
+from .dual_bn import (
+    DualBatchNorm2d, SyncDualBatchNorm, bn_route, convert_sync_dual_bn, is_dual_bn, to_dual_bn, use_aux_bn,
+)
+from .fold import fold_checkpoint, fold_dual_bn, fold_state_dict
+from .fuse import fuse_bn, static_same_padding
+from .export import ExportError, export_model, inference_model
 from .weights import WeightsError, check_state_dict, load_weights, save_weights
 
 __version__ = '0.1.0'

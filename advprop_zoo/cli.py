@@ -32,6 +32,28 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fold(args: argparse.Namespace) -> int:
+    from .fold import fold_checkpoint
+
+    kwargs = {} if args.num_classes is None else {'num_classes': args.num_classes}
+    out, kept, dropped = fold_checkpoint(args.input, args.output, args.model, overwrite=args.force, **kwargs)
+    what = f'dropped {dropped} auxiliary BN tensors' if dropped else 'no auxiliary BN tensors found (already plain)'
+    print(f'{out}: {kept} tensors for {args.model}, {what}; loads strictly into timm.create_model({args.model!r})')
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_model, inference_model
+
+    kwargs = {} if args.num_classes is None else {'num_classes': args.num_classes}
+    model, size = inference_model(args.model, checkpoint=args.checkpoint, input_size=args.input_size, **kwargs)
+    diff = export_model(model, args.output, size, format=args.format, overwrite=args.force, atol=args.atol)
+    check = 'onnxruntime' if args.format == 'onnx' else 'the reloaded TorchScript module'
+    print(f'{args.output}: {args.model} folded and BN-fused, static padding for {"x".join(map(str, size))}, '
+          f'dynamic batch; {check} vs PyTorch max abs diff {diff:.2e}')
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = argparse.ArgumentParser(
@@ -41,6 +63,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
     p = sub.add_parser('list', help='table of the nine AdvProp models: params, input, crop, attacker, top-1, cache')
     p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser('fold', help='drop the auxiliary BNs of a dual-BN (AdvProp-trained) checkpoint',
+                       description='Write a plain timm checkpoint from a dual-BN one: every *.aux_bn.* tensor is '
+                                   'dropped, the rest is checked to load strictly into the model, and OUT is '
+                                   'written atomically (safetensors).')
+    p.add_argument('input', metavar='IN', help='dual-BN weights (.safetensors, or .pth/.bin loaded weights_only)')
+    p.add_argument('output', metavar='OUT', help='plain weights to write (.safetensors)')
+    p.add_argument('--model', required=True, help='timm model name the weights are for, e.g. efficientnet_b0_advprop')
+    p.add_argument('--num-classes', type=int, default=None, help='classifier size, if not the model default')
+    p.add_argument('--force', action='store_true', help='replace OUT if it exists')
+    p.set_defaults(func=_cmd_fold)
+
+    p = sub.add_parser('export', help='export the folded, BN-fused model to ONNX or TorchScript, checked against PyTorch',
+                       description='Build the model (weights from --checkpoint, plain or dual-BN, else timm\'s pretrained '
+                                   'weights), drop auxiliary BNs, fuse every BN into its conv, make TF "same" padding '
+                                   'static for --input-size, export with a dynamic batch dimension, check the result '
+                                   'against PyTorch (ONNX with onnxruntime) and write it atomically.')
+    p.add_argument('--model', required=True, help='timm model name, e.g. efficientnet_b0_advprop')
+    p.add_argument('--checkpoint', default=None, help='weights file (default: the pretrained weights, from the Hub cache)')
+    p.add_argument('--format', choices=['onnx', 'torchscript'], default='onnx', help='default: onnx')
+    p.add_argument('--input-size', type=int, nargs='+', default=None, metavar='N',
+                   help='C H W, H W or H (default: the model\'s own, e.g. 3 224 224 for B0)')
+    p.add_argument('--output', required=True, help='file to write (.onnx / .pt)')
+    p.add_argument('--num-classes', type=int, default=None, help='classifier size, if not the model default')
+    p.add_argument('--atol', type=float, default=1e-4, help='max abs difference to PyTorch allowed (default 1e-4)')
+    p.add_argument('--force', action='store_true', help='replace the output if it exists')
+    p.set_defaults(func=_cmd_export)
     return parser
 
 
@@ -52,10 +101,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     import advprop_zoo  # noqa: F401  registers the models before any command looks them up
     from .names import UnknownModelError
+    from .export import ExportError
     from .weights import WeightsError
     try:
         return args.func(args)
-    except (UnknownModelError, WeightsError, FileNotFoundError, ValueError) as e:
+    except (UnknownModelError, WeightsError, FileNotFoundError, ValueError, ExportError) as e:
         print(f'advprop-zoo {args.command}: error: {e}', file=sys.stderr)
         return 1
 

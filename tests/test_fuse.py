@@ -1,0 +1,142 @@
+"""BN fusion and static padding: same logits as the unfused model, no BatchNorm left."""
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+from timm.layers import BatchNormAct2d, Conv2dSame
+
+from advprop_zoo import fuse_bn, static_same_padding, to_dual_bn
+from advprop_zoo.export import check_inputs
+from advprop_zoo.fuse import StaticPadConv2d
+
+# (timm model, input size): small inputs keep the suite fast; B3 has odd sizes (stride-2 on odd inputs)
+MODELS = [('efficientnet_b0_advprop', 64), ('efficientnet_b3_advprop', 72), ('resnet50', 64)]
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """One intra-op thread: on a small shared CPU, OpenMP threads spinning against other processes make
+    these small forwards 10-30x slower, and the results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def calibrated(name, size, seed=0):
+    """A model whose BNs hold real-looking statistics: random affine params, running stats averaged
+    over a few batches (init values 0 / 1 would make fusion nearly a no-op)."""
+    torch.manual_seed(seed)
+    model = timm.create_model(name, num_classes=10, drop_rate=0.0, drop_path_rate=0.0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = None  # cumulative average
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+        model.train()
+        for seed in range(3):  # the kinds of input the tests use, so no layer sees wildly unexpected stats
+            model(check_inputs((3, size, size), batch_size=2, seed=seed))
+    return model.eval()
+
+
+def rel_diff(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.fixture(scope='module', params=MODELS, ids=[m for m, _ in MODELS])
+def models(request):
+    name, size = request.param
+    model = calibrated(name, size)
+    return name, size, model, fuse_bn(copy.deepcopy(model)), fuse_bn(copy.deepcopy(model), input_size=size)
+
+
+def test_no_batchnorm_remains_and_acts_are_kept(models):
+    _, _, model, fused, static = models
+    for m in (fused, static):
+        assert not any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())
+        assert not m.training
+        acts = [type(x) for x in m.modules() if isinstance(x, (nn.SiLU, nn.ReLU))]
+        assert acts == [type(x) for x in model.modules() if isinstance(x, (nn.SiLU, nn.ReLU))]
+    assert not any(isinstance(x, Conv2dSame) for x in static.modules())
+
+
+def test_fused_logits_match(models):
+    """Fused vs unfused float32 logits within 1e-5 of the logits' magnitude, per input kind (random and
+    structured). Where the unfused float32 model is itself further than that from its own float64
+    value (random weights, rounding through 50+ layers: ResNet-50, random-noise inputs) the two float32
+    results cannot agree better than their noise: the bound is then 3x that measured floor, and the
+    fused model must be about as close to float64 as the unfused one (an error in the fusion, even a
+    wrong eps, is orders of magnitude above this; the float64 test below checks the algebra to 1e-12)."""
+    name, size, model, fused, static = models
+    x = check_inputs((3, size, size), batch_size=2)
+    with torch.no_grad():
+        ref, out, out_static = model(x), fused(x), static(x)
+        ref64 = copy.deepcopy(model).double()(x.double())
+    for kind, rows in enumerate(torch.arange(len(x)).split(2)):
+        r, o, r64 = ref[rows].double(), out[rows].double(), ref64[rows]
+        scale, floor = r.abs().max().item(), (r - r64).abs().max().item()
+        diff, err = (o - r).abs().max().item(), (o - r64).abs().max().item()
+        assert diff <= max(1e-5 * scale, 3 * floor), f'{name} kind {kind}: diff {diff:.3g}, |logits| {scale:.3g}, floor {floor:.3g}'
+        assert err <= 3 * floor + 1e-6 * scale, f'{name} kind {kind}: fused error {err:.3g}, unfused {floor:.3g}'
+    assert torch.equal(out_static, out)  # static padding: bit-identical to the dynamic padding
+
+
+def test_fusion_is_exact_in_float64(models):
+    name, size, model, _, _ = models
+    m64 = copy.deepcopy(model).double()
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    with torch.no_grad():
+        ref = m64(x)
+        assert rel_diff(fuse_bn(m64, input_size=size)(x), ref) < 1e-12
+
+
+@pytest.mark.parametrize('size, asymmetric', [((64, 64), True), ((65, 97), False), ((33, 40), True)])
+def test_static_padding_is_identical_to_dynamic(size, asymmetric):
+    model = calibrated('efficientnet_b0_advprop', 32)
+    static = copy.deepcopy(model)
+    stem_weight = static.conv_stem.weight
+    static_same_padding(static, (3,) + size)
+    assert not any(isinstance(m, Conv2dSame) for m in static.modules())
+    kinds = {type(m) for m in static.modules() if isinstance(m, nn.Conv2d)}
+    assert (StaticPadConv2d in kinds) == asymmetric  # TF pads stride-2 convs on even sizes asymmetrically
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        assert torch.equal(static(x), model(x))
+    assert static.conv_stem.weight is stem_weight  # shared, not copied
+
+
+def test_fuses_convs_with_bias_groups_and_lone_bn():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=True), nn.BatchNorm2d(8),
+        Conv2dSame(8, 8, 3, stride=2, groups=4), BatchNormAct2d(8, act_layer=nn.PReLU),
+        nn.Conv2d(8, 8, 1), nn.ReLU(), nn.BatchNorm2d(8),  # BN after an act: nothing to fuse into
+    )
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(), m.running_var.uniform_(0.5, 2), m.weight.normal_(), m.bias.normal_()
+    model.eval()
+    prelu = model[3].act
+    x = torch.randn(2, 3, 11, 11)
+    with torch.no_grad():
+        ref = model(x)
+        fused = fuse_bn(copy.deepcopy(model))
+        assert rel_diff(fused(x), ref) < 1e-6
+    assert isinstance(fused[1], nn.Identity)
+    assert isinstance(fused[3].act, nn.PReLU) and torch.equal(fused[3].act.weight, prelu.weight)
+    assert isinstance(fused[6], nn.Conv2d) and fused[6].groups == 8  # lone BN -> depthwise 1x1 affine
+    assert 'act.weight' in dict(fused[3].named_parameters())  # the act keeps its state-dict key
+
+
+def test_dual_models_must_be_folded_first():
+    with pytest.raises(ValueError, match='fold them first with fold_dual_bn'):
+        fuse_bn(to_dual_bn(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))))
+
+
+def test_bad_input_size():
+    with pytest.raises(ValueError, match='input size must be'):
+        fuse_bn(calibrated('efficientnet_b0_advprop', 32), input_size=(3, 0, 64))
