@@ -115,8 +115,9 @@ def atomic_write(path: PathLike, mode: str = 'wb') -> Iterator[Any]:
     if not path.parent.is_dir():
         raise WeightsError(f'{path}: output folder {path.parent} does not exist')
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode) as f:
+        with open(tmp, mode) as f:  # by name, so f.name is the temp path for writers that need a path
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -131,15 +132,16 @@ def save_weights(
         path: PathLike,
         metadata: Optional[Mapping[str, str]] = None,
 ) -> Path:
-    """Save tensors as safetensors, atomically; shared storage and non-contiguous views are handled."""
-    from safetensors.torch import save
+    """Save tensors as safetensors, atomically; shared storage and non-contiguous views are handled.
+    safetensors streams the tensors' memory into the temp file, so no second copy of the weights is
+    made (a B8 state dict is 350 MB)."""
+    from safetensors.torch import save_file
     tensors = {}
     for key, value in state_dict.items():
         t = value.detach().to('cpu').contiguous()
         tensors[key] = t.clone() if _shares_storage(t) else t  # safetensors refuses shared storage
-    blob = save(tensors, metadata=dict(metadata) if metadata else None)
     with atomic_write(path) as f:
-        f.write(blob)
+        save_file(tensors, f.name, metadata=dict(metadata) if metadata else None)
     return Path(path)
 
 
