@@ -14,4 +14,6 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 os.environ.setdefault('KERAS_BACKEND', 'tensorflow')
 
+import timm  # noqa: E402,F401  before TensorFlow, always: importing timm after TF 2.21 segfaults (torch 2.14)
+
 __version__ = '1.0.0'  # written into every converted file; bump when converted outputs would change

@@ -53,10 +53,12 @@ class TFTensor:
 
 def tf_to_torch(array: np.ndarray, layout: str) -> torch.Tensor:
     """A TF checkpoint array as a contiguous torch tensor in timm's layout."""
-    t = torch.from_numpy(array if array.flags.writeable else array.copy())
-    if t.dim() != len(_TF_TO_TORCH[layout]):
-        raise ValueError(f'a {layout} tensor needs {len(_TF_TO_TORCH[layout])} dims, got shape {tuple(t.shape)}')
-    return t.permute(*_TF_TO_TORCH[layout]).contiguous() if layout != VECTOR else t
+    perm = _TF_TO_TORCH[layout]
+    if array.ndim != len(perm):
+        raise ValueError(f'a {layout} tensor needs {len(perm)} dims, got shape {array.shape}')
+    if layout != VECTOR:
+        array = np.ascontiguousarray(array.transpose(perm))  # numpy's copy beats torch's here
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
 def _scopes(model: nn.Module) -> Iterator[Tuple[str, str, nn.Module]]:

@@ -85,10 +85,16 @@ def _level(model_name: str) -> Optional[int]:
 
 
 @lru_cache(maxsize=None)
-def _expected(model_name: str) -> Tuple[TFTensor, ...]:
+def _meta_model(model_name: str) -> torch.nn.Module:
+    """The model's structure only: names and shapes without allocating weights (built once per name)."""
     import timm
-    with torch.device('meta'):  # structure only: names and shapes without allocating weights
-        return tuple(tf_name_map(timm.create_model(model_name.split('.', 1)[0])))
+    with torch.device('meta'):
+        return timm.create_model(model_name.split('.', 1)[0])
+
+
+@lru_cache(maxsize=None)
+def _expected(model_name: str) -> Tuple[TFTensor, ...]:
+    return tuple(tf_name_map(_meta_model(model_name)))
 
 
 def _looks_like(found: Dict[str, Tuple[int, ...]]) -> Optional[int]:
@@ -266,7 +272,7 @@ def _write_config(model_name: str, path: Path) -> None:
     import timm
     from timm.models._hub import save_config_for_hf
     with torch.device('meta'):
-        model = timm.create_model(model_name)
+        model = timm.create_model(model_name)  # with its tag: the tag's pretrained cfg goes into config.json
     with tempfile.TemporaryDirectory() as tmp:
         save_config_for_hf(model, f'{tmp}/config.json')
         text = Path(tmp, 'config.json').read_text()
@@ -293,27 +299,33 @@ def convert(
     """
     start = time.perf_counter()
     model = _check_model(model) if model else None
+    templated = output is not None and '{model}' in str(output)
+
+    def targets(model: str) -> Tuple[Optional[Path], Optional[Path]]:
+        out = Path(str(output).replace('{model}', model)) if output is not None else None
+        if out is not None:
+            if make_dirs:
+                out.parent.mkdir(parents=True, exist_ok=True)
+            for path in (out, out.parent / 'config.json' if config else None):
+                if path is not None:
+                    _check_output(path, force)
+        return out, out.parent / 'config.json' if out is not None and config else None
+
+    if not templated:
+        targets('')  # fail on the output before unpacking or reading anything
     with open_checkpoint(checkpoint) as ckpt:
         scope = _scope(ckpt)
         chosen, ema = _choose_copies(ckpt, scope, use_ema)
         found = {n: ckpt.shapes[v] for n, v in chosen.items()}
         model = model or model_for_checkpoint(scope, found, family)
-        out = Path(str(output).format(model=model)) if output is not None else None
-        config_path = out.parent / 'config.json' if out is not None and config else None
-        if out is not None:
-            if make_dirs:
-                out.parent.mkdir(parents=True, exist_ok=True)
-            for path in filter(None, (out, config_path)):
-                _check_output(path, force)
+        out, config_path = targets(model)
         expected = _expected(model)
         need = {e.tf_name for e in expected}
         unexpected = {n: s for n, s in found.items() if n not in need}
         aux = _aux_bns(unexpected, expected)
         leftover = [n for n in unexpected if n.rsplit('/', 1)[0] not in aux]
         _check_complete(ckpt, scope, model, found, expected, leftover)
-        import timm
-        with torch.device('meta'):
-            meta = timm.create_model(model)
+        meta = _meta_model(model)
         state_dict = _state_dict(ckpt, chosen, expected, aux, list(meta.state_dict()))
         aux_keys = [k for k in state_dict if '.aux_bn.' in k]
         check_state_dict(state_dict, meta, ignore=aux_keys)  # timm's own keys and shapes, every one

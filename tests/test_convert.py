@@ -29,7 +29,7 @@ from advprop_zoo import VARIANTS  # noqa: E402
 from convert.tf_checkpoint import safe_extract  # noqa: E402
 from convert.tf_fixture import release_shapes, release_tensors, write_checkpoint, write_release_tarball  # noqa: E402
 from convert.tf_names import tf_name_map, tf_to_torch  # noqa: E402
-from convert.tf_to_timm import _aux_bns, _expected, main  # noqa: E402
+from convert.tf_to_timm import _aux_bns, _expected, convert, main  # noqa: E402
 
 EMA = '/ExponentialMovingAverage'
 
@@ -189,19 +189,31 @@ def test_larger_variant_inferred_from_scope_and_verified(capsys, tmp_path, out):
     assert torch.equal(sd[key], tf_value(tensors, 'efficientnet_b3_advprop', key))
 
 
-def test_auxiliary_bns_become_dual_bn_keys(capsys, tmp_path, out):
+@pytest.fixture(scope='module')
+def aux_conversion(tmp_path_factory):
+    """B0 with an auxiliary BN beside every BN, numbered after the main BNs of its scope."""
+    tmp = tmp_path_factory.mktemp('aux')
     tensors = release_tensors(0, raw=False, slots=(), aux_bn=True)
-    prefix = write_checkpoint(tmp_path / 'aux' / 'model.ckpt', tensors)
-    code, stdout, err = run(capsys, '--checkpoint', prefix, '--output', out / 'b0.safetensors')
-    assert code == 0, err
+    prefix = write_checkpoint(tmp / 'ckpt' / 'model.ckpt', tensors)
+    result = convert(prefix, tmp / 'b0.safetensors')
+    return tensors, result, load_file(str(tmp / 'b0.safetensors'))
+
+
+def test_auxiliary_bns_become_dual_bn_keys(aux_conversion):
+    tensors, result, sd = aux_conversion
     n_bn = sum(1 for e in _expected('efficientnet_b0_advprop') if e.timm_key.endswith('running_var'))
-    assert f'auxiliary BNs: {n_bn} found' in stdout
-    sd = load_file(str(out / 'b0.safetensors'))
+    assert result.aux_bns == n_bn and f'auxiliary BNs: {n_bn} found' in '\n'.join(result.lines())
     aux = tensors['efficientnet-b0/blocks_1/tpu_batch_normalization_5/moving_variance' + EMA]
     assert np.array_equal(sd['blocks.1.0.bn3.aux_bn.0.running_var'].numpy(), aux)
     assert np.array_equal(sd['bn1.aux_bn.0.weight'].numpy(), tensors['efficientnet-b0/stem/tpu_batch_normalization_1/gamma' + EMA])
     main_keys = {k: v for k, v in sd.items() if '.aux_bn.' not in k}
     timm.create_model('efficientnet_b0_advprop').load_state_dict(main_keys, strict=True)
+
+
+def test_auxiliary_bns_load_into_the_dual_bn_model(aux_conversion):
+    dual_bn = pytest.importorskip('advprop_zoo.dual_bn')
+    model = dual_bn.to_dual_bn(timm.create_model('efficientnet_b0_advprop'))
+    model.load_state_dict(aux_conversion[2], strict=True)
 
 
 def test_auxiliary_bns_named_with_an_aux_marker():
