@@ -58,13 +58,13 @@ def keras_efficientnet(level: int, num_classes: int = 1000):
     """Keras's EfficientNet-B``level`` (B8 through the generic constructor) taking [-1, 1] input directly:
     the model starts after Keras's Rescaling/Normalization layers, with logits out."""
     import keras
-    from keras.applications import efficientnet
     v = VARIANTS[level]
     kwargs = dict(weights=None, classes=num_classes, classifier_activation=None, input_shape=(v.res, v.res, 3))
     if hasattr(keras.applications, f'EfficientNetB{level}'):
         model = getattr(keras.applications, f'EfficientNetB{level}')(**kwargs)
-    else:
-        model = efficientnet.EfficientNet(v.width, v.depth, v.res, v.dropout, name=f'efficientnetb{level}', **kwargs)
+    else:  # Keras exports B0-B7 only; the generic constructor behind them builds B8
+        from keras.src.applications.efficientnet import EfficientNet
+        model = EfficientNet(v.width, v.depth, v.res, v.dropout, name=f'efficientnetb{level}', **kwargs)
     return keras.Model(model.get_layer('stem_conv_pad').input, model.output, name=model.name)
 
 

@@ -15,7 +15,7 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Dict, Iterator, List, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -127,10 +127,10 @@ def _data_files(prefix: Path) -> List[Path]:
     return files
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, stop: Optional[threading.Event] = None) -> str:
     h = hashlib.sha256()
     with open(path, 'rb') as f:
-        while chunk := f.read(1 << 22):
+        while (chunk := f.read(1 << 22)) and not (stop and stop.is_set()):
             h.update(chunk)  # releases the GIL: hashing runs beside the tensor reads
     return h.hexdigest()
 
@@ -190,10 +190,11 @@ def open_checkpoint(path: PathLike) -> Iterator[Checkpoint]:
             data = _data_files(prefix)
             hashed = [Path(f'{prefix}.index')] + data
         digests: Dict[str, str] = {}
+        stop = threading.Event()
 
         def hash_all() -> None:
             for f in hashed:
-                digests[f.name] = _sha256(f)
+                digests[f.name] = _sha256(f, stop)
 
         hasher = threading.Thread(target=hash_all, daemon=True)
         hasher.start()
@@ -201,4 +202,5 @@ def open_checkpoint(path: PathLike) -> Iterator[Checkpoint]:
             reader, shapes, dtypes = _open_reader(prefix, path)
             yield Checkpoint(path, prefix, shapes, dtypes, reader, digests, hasher)
         finally:
+            stop.set()  # done or failed: a digest still running is not wanted any more
             hasher.join()  # the temp dir may only go once nothing reads from it

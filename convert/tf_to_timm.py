@@ -107,14 +107,10 @@ def _looks_like(found: Dict[str, Tuple[int, ...]]) -> Optional[int]:
 
 
 def model_for_checkpoint(scope: str, found: Dict[str, Tuple[int, ...]], family: str = 'advprop') -> str:
-    """Infer the model from the checkpoint: the scope name ``efficientnet-bN`` when the shapes agree,
-    else the variant whose shapes the checkpoint matches."""
+    """Infer the model: the level the scope name ``efficientnet-bN`` gives (the completeness check then
+    reports any shape that disagrees), else the variant whose names and shapes the checkpoint matches."""
     m = re.fullmatch(r'efficientnet-b(\d)', scope)
-    if m and int(m.group(1)) < len(VARIANTS):
-        name = FAMILIES[family].format(m.group(1))
-        if all(found.get(e.tf_name) == e.tf_shape for e in _expected(name)):
-            return name
-    level = _looks_like(found)
+    level = int(m.group(1)) if m and int(m.group(1)) < len(VARIANTS) else _looks_like(found)
     if level is None:
         raise WeightsError(f'cannot tell which EfficientNet scope {scope!r} holds: its shapes match none of B0-B8; '
                            'pass --model')
@@ -421,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
                         '(the release evaluates with the EMA twins)')
     p.add_argument('--verify', action='store_true',
                    help='load the same TF variables into Keras\'s own EfficientNet, feed both the same '
-                        'deterministic [-1, 1] input, and fail if max |logit difference| > 1e-4')
+                        'deterministic [-1, 1] input (2 images at the model\'s resolution), and write nothing if '
+                        'max |logit difference| > 1e-4 or the top-1 classes differ')
     p.add_argument('--config', action='store_true',
                    help='also write timm\'s config.json beside the output (with the output, a timm local-dir: folder '
                         'when the output is named model.safetensors)')
@@ -430,7 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.batch and args.model:
+        parser.error('--model names one checkpoint\'s model; --batch infers each tarball\'s (see --family)')
     from advprop_zoo.names import UnknownModelError
     from advprop_zoo.table import format_table
     kwargs = dict(model=args.model, use_ema=not args.no_ema, verify=args.verify, config=args.config,
