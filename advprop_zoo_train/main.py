@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--attack-steps', type=int, default=None, help='default: eps + 1 (1 for eps 1), the paper\'s rule')
     g.add_argument('--attack-step-size', type=float, default=None, help='pixel units; default 1 (FGSM: eps)')
     g.add_argument('--untargeted', action='store_true', help='untargeted attack (default: random wrong target)')
+    g.add_argument('--no-random-start', action='store_true', help='start the attack at the clean image')
     g.add_argument('--adv-weight', type=float, default=1.0, help='advprop: loss = clean + w * adversarial')
     g.add_argument('--clean-weight', type=float, default=0.5,
                    help='adv-train: a in a*J(x) + (1-a)*J(x_adv); 0 is Madry\'s adversarial-only training')
@@ -145,7 +146,7 @@ def _attack_config(args, model_name: str):
         paper = AttackConfig.from_paper(model_name)
         eps, steps, size = paper.eps, steps or paper.steps, size or paper.step_size
     return AttackConfig(kind=args.attack, eps=1.0 if eps is None else eps, steps=steps, step_size=size,
-                        targeted=not args.untargeted)
+                        targeted=not args.untargeted, random_start=False if args.no_random_start else None)
 
 
 def _output_dir(args) -> Path:
@@ -260,9 +261,12 @@ def train(args: argparse.Namespace) -> TrainResult:
     train_model = model
     if dist_info.distributed:
         from torch.nn.parallel import DistributedDataParallel
+        import inspect
+        # with synchronised BNs every rank holds the same statistics: no per-forward buffer broadcast
+        sync_kw = 'forward_sync_buffers' if 'forward_sync_buffers' in inspect.signature(
+            DistributedDataParallel.__init__).parameters else 'broadcast_buffers'  # torch < 2.14 spelling
         train_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None,
-            broadcast_buffers=args.no_sync_bn)
+            model, device_ids=[device.index] if device.type == 'cuda' else None, **{sync_kw: args.no_sync_bn})
     step_model = torch.compile(train_model) if args.compile else train_model
     attack_model = torch.compile(model) if args.compile and dist_info.distributed else (
         model if dist_info.distributed else step_model)  # DDP must not see the attack's input-only backward
@@ -421,7 +425,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .embedded import run_embedded
             return run_embedded(argv)
         summary = train(args).summary
-        print(f'done: val top-1 {summary["val_top1"]:.2f}%, weights {summary["weights"]}, curves {summary["plot"]}')
+        if 'weights' in summary:  # the primary rank of a finished run
+            print(f'done: val top-1 {summary["val_top1"]:.2f}%, weights {summary["weights"]}, curves {summary["plot"]}')
+        elif not summary['finished'] and int(os.environ.get('RANK', '0')) == 0:
+            print(f'stopped at step {summary["steps"]}; resume with --resume {summary["last_checkpoint"]}')
         return 0
     except (TrainingError, DataError, UnknownModelError, WeightsError, ValueError) as e:
         print(f'advprop-zoo train: error: {e}', file=sys.stderr)

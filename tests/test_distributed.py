@@ -1,0 +1,87 @@
+"""torchrun / gloo on CPU: 2 processes equal 1 process on the same global batch; a dead rank ends the job."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from advprop_zoo_train.checkpoint import latest_checkpoint
+from test_train import _make_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+# deterministic: no dropout, untargeted attack from the clean image, so both runs compute one function
+# plain SGD: parameter differences are then gradient differences (Adam's normalised steps would turn
+# rounding noise in near-zero gradients into lr-sized differences)
+RUN = ['--model', 'test_efficientnet', '--input-size', '3', '32', '32', '--epochs', '1', '--opt', 'momentum',
+       '--momentum', '0', '--weight-decay', '0', '--lr', '0.05', '--sched', 'cosine', '--warmup-epochs', '0', '--workers', '0', '--scale', '0.5', '1.0',
+       '--drop', '0', '--drop-path', '0', '--mode', 'advprop', '--attack-eps', '2', '--attack-steps', '2',
+       '--untargeted', '--no-random-start', '--max-steps', '1', '--no-progress']
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)}
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+    return _make_folder(tmp_path_factory.mktemp('data'), classes=3, train=16, val=4)
+
+
+def _torchrun(nproc, args, timeout=300):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', *args]
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_ranks_equal_one_process_with_the_global_batch(folder, tmp_path):
+    """One AdvProp step (PGD-2 through the auxiliary BNs, split-BN pass, sync BNs, DDP gradient averaging)
+    on 2 ranks x 8 images against 1 process x 16. Stated tolerance: 1e-5 absolute, 1e-4 relative (the
+    order of the gradient all-reduce and of the BN statistic sums). Over several steps the difference
+    grows (BN nets amplify rounding, and sign() in the attack can flip on near-zero input gradients)."""
+    one = subprocess.run([sys.executable, '-m', 'advprop_zoo_train', *RUN, '--data-dir', str(folder),
+                          '--batch-size', '16', '--output', str(tmp_path / 'one')],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _torchrun(2, ['-m', 'advprop_zoo_train', *RUN, '--data-dir', str(folder), '--batch-size', '8',
+                        '--output', str(tmp_path / 'two')])
+    assert two.returncode == 0, two.stderr[-3000:]
+    ca, cb = (latest_checkpoint(tmp_path / run / 'checkpoints') for run in ('one', 'two'))
+    assert ca.name == cb.name == 'step-00000001'
+    a, b = load_file(str(ca / 'model.safetensors')), load_file(str(cb / 'model.safetensors'))
+    init = _initial_dual_state()
+    assert a.keys() == b.keys() == init.keys()
+    worst = 0.0
+    for k in a:
+        if a[k].is_floating_point():
+            assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
+            worst = max(worst, (a[k] - b[k]).abs().max().item())
+        else:
+            assert torch.equal(a[k], b[k]), k
+    aux = [k for k in a if '.aux_bn.0.running_' in k]
+    assert aux
+    for k in aux + [k.replace('.aux_bn.0', '') for k in aux]:  # both branches' statistics moved, and agree
+        assert not torch.equal(a[k], init[k])
+    assert not any(torch.equal(a[k], a[k.replace('.aux_bn.0', '')]) for k in aux if 'running_mean' in k)
+    assert sorted(p.name for p in (tmp_path / 'two' / 'checkpoints').iterdir()) == ['step-00000001']  # rank 0 only
+    print(f'max |1 process - 2 processes| over all tensors after one step: {worst:.2e}')
+
+
+def _initial_dual_state():
+    import timm
+    from advprop_zoo.dual_bn import to_dual_bn
+    torch.manual_seed(0)
+    return to_dual_bn(timm.create_model('test_efficientnet', num_classes=3, drop_rate=0.0,
+                                        drop_path_rate=0.0)).state_dict()
+
+
+def test_a_dead_rank_ends_the_job_with_a_message(folder, tmp_path):
+    t0 = time.time()
+    i = RUN.index('--max-steps')
+    full_run = RUN[:i] + RUN[i + 2:]
+    run = _torchrun(2, [str(ROOT / 'tests' / 'ddp_fault_runner.py'), *full_run, '--data-dir', str(folder),
+                        '--batch-size', '8', '--output', str(tmp_path), '--dist-timeout', '60'], timeout=240)
+    assert run.returncode != 0
+    assert time.time() - t0 < 200  # ended, did not hang
+    text = run.stderr + run.stdout
+    assert 'ddp_fault_runner.py FAILED' in text  # torchrun's summary names the job ...
+    assert 'rank      : 1' in text and 'exitcode  : 3' in text  # ... the rank that died and how
