@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 if __package__ in (None, ''):  # run as a script: make the repo root importable for `convert.*`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,7 +31,10 @@ from advprop_zoo.names import check_model_name  # noqa: E402
 from advprop_zoo.weights import WeightsError, atomic_write, check_state_dict, save_weights  # noqa: E402
 from convert import __version__  # noqa: E402
 from convert.tf_checkpoint import EMA_SUFFIX, Checkpoint, is_bookkeeping, open_checkpoint  # noqa: E402
-from convert.tf_names import BN_VARIABLES, TFTensor, tf_name_map, tf_to_torch  # noqa: E402
+from convert.tf_names import BN_VARIABLES, VECTOR, TFTensor, tf_name_map, tf_to_torch  # noqa: E402
+
+if TYPE_CHECKING:
+    from convert.keras_reference import Verification
 
 __all__ = ['ConversionResult', 'convert', 'convert_batch', 'model_for_checkpoint', 'aux_bn_key', 'main']
 
@@ -57,7 +60,7 @@ class ConversionResult:
     aux_bns: int
     output: Optional[Path] = None
     config: Optional[Path] = None
-    verify: Optional[object] = None  # keras_reference.Verification
+    verify: Optional['Verification'] = None  # set by --verify
     seconds: float = 0.0
     metadata: Dict[str, str] = field(default_factory=dict)
 
@@ -240,7 +243,7 @@ def _state_dict(ckpt: Checkpoint, chosen: Dict[str, str], expected: Sequence[TFT
         out[e.timm_key] = tf_to_torch(_read(ckpt, chosen[e.tf_name]), e.layout)
     for layer, bn in sorted(aux.items()):
         for tensor, var in BN_VARIABLES.items():
-            out[aux_bn_key(bn, tensor)] = torch.from_numpy(_read(ckpt, chosen[f'{layer}/{var}']))
+            out[aux_bn_key(bn, tensor)] = tf_to_torch(_read(ckpt, chosen[f'{layer}/{var}']), VECTOR)
         out[aux_bn_key(bn, 'num_batches_tracked')] = torch.tensor(0, dtype=torch.long)
     for key in model_keys:  # TF keeps no BN step count: timm's own initial value
         if key.endswith('.num_batches_tracked'):
