@@ -16,7 +16,7 @@ import torch
 
 __all__ = [
     'WeightsError', 'read_safetensors_header', 'check_weights_file', 'load_weights', 'save_weights',
-    'atomic_write', 'check_state_dict', 'check_pretrained_source', 'cached_weights_path',
+    'atomic_write', 'sha256_file', 'check_state_dict', 'check_pretrained_source', 'cached_weights_path',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -121,10 +121,28 @@ def atomic_write(path: PathLike, mode: str = 'wb') -> Iterator[Any]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp (and writers that recreate the file by name) leave 0600: give it the umask's permissions
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def sha256_file(path: PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (checkpoint manifests, provenance metadata)."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def save_weights(

@@ -9,7 +9,6 @@ folder is renamed into place last: a run killed at any instant leaves either a c
 or none, and the checksums catch one damaged afterwards. Old checkpoints beyond ``keep`` are removed
 only after the new one is in place.
 """
-import hashlib
 import json
 import os
 import random
@@ -20,7 +19,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
-from advprop_zoo.weights import check_state_dict, load_weights, save_weights
+from advprop_zoo.weights import check_state_dict, load_weights, save_weights, sha256_file
 
 __all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'latest_checkpoint', 'rng_state',
            'set_rng_state']
@@ -66,14 +65,6 @@ def _to_tuple(x):
     return tuple(_to_tuple(v) for v in x) if isinstance(x, list) else x
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -106,7 +97,7 @@ def save_checkpoint(
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        files = {p.name: {'bytes': p.stat().st_size, 'sha256': _sha256(p)} for p in sorted(tmp.iterdir())}
+        files = {p.name: {'bytes': p.stat().st_size, 'sha256': sha256_file(p)} for p in sorted(tmp.iterdir())}
         manifest = {'format': FORMAT, 'step': step, 'identity': identity, 'files': files}
         with open(tmp / 'manifest.json', 'w') as f:
             json.dump(manifest, f, indent=2)
@@ -164,7 +155,7 @@ def load_checkpoint(path: Path, identity: Dict[str, Any], model: torch.nn.Module
             raise CheckpointError(f'{path}: {name} is missing')
         if f.stat().st_size != info['bytes']:
             raise CheckpointError(f'{f}: {f.stat().st_size} bytes, manifest says {info["bytes"]} (truncated?)')
-        if _sha256(f) != info['sha256']:
+        if sha256_file(f) != info['sha256']:
             raise CheckpointError(f'{f}: checksum mismatch, the file is damaged')
     mismatch = {k: (manifest['identity'].get(k), v) for k, v in identity.items() if manifest['identity'].get(k) != v}
     if mismatch:

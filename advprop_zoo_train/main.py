@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--device', default='cpu', help='cpu, cuda or cuda:N')
     g.add_argument('--amp', default=None, choices=('bf16', 'fp16'), help='autocast dtype (fp16 adds a GradScaler)')
     g.add_argument('--channels-last', action='store_true', help='NHWC memory format')
-    g.add_argument('--compile', action='store_true', help='torch.compile the model')
+    g.add_argument('--compile', action='store_true', help='torch.compile the train step and the attack')
+    g.add_argument('--compile-backend', default='inductor', help='torch.compile backend')
     g = p.add_argument_group('run')
     g.add_argument('--seed', type=int, default=0)
     g.add_argument('--seeds', type=int, default=1, help='embedded demo: repeat with seeds --seed ... --seed + N - 1 '
@@ -267,9 +268,10 @@ def train(args: argparse.Namespace) -> TrainResult:
             DistributedDataParallel.__init__).parameters else 'broadcast_buffers'  # torch < 2.14 spelling
         train_model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None, **{sync_kw: args.no_sync_bn})
-    step_model = torch.compile(train_model) if args.compile else train_model
-    attack_model = torch.compile(model) if args.compile and dist_info.distributed else (
-        model if dist_info.distributed else step_model)  # DDP must not see the attack's input-only backward
+    compiled = (lambda m: torch.compile(m, backend=args.compile_backend)) if args.compile else (lambda m: m)
+    step_model = compiled(train_model)
+    # DDP must only see training passes: under DDP the attack runs the unwrapped module
+    attack_model = compiled(model) if dist_info.distributed else step_model
     mean, std = data_config['mean'], data_config['std']
     start = time.perf_counter()
     progress = primary and not args.no_progress

@@ -125,3 +125,16 @@ def test_digits_folder_is_a_fixed_real_split(tmp_path):
     assert digits_folder(tmp_path) == root  # cached
     with Image.open(next((root / 'val' / '3').iterdir())) as img:
         assert img.size == (32, 32) and img.mode == 'RGB'
+
+
+def test_fp16_gradscaler_and_compile_on_cpu(folder, tmp_path):
+    """The speed flags' code paths that run here: fp16 autocast with a GradScaler (attack included) and
+    torch.compile (dynamo capture + AOT autograd of the train step and the attack, every BN route) on a tiny
+    model. The aot_eager backend skips inductor's C++ code generation, which takes minutes on 2 cores."""
+    result = train(_args(folder, tmp_path, '--mode', 'advprop', '--amp', 'fp16', '--compile', '--compile-backend',
+                         'aot_eager', '--max-steps', '2', '--attack-eps', '2'))
+    assert result.summary['steps'] == 2
+    from advprop_zoo_train.checkpoint import latest_checkpoint
+    import torch as _torch
+    state = _torch.load(latest_checkpoint(tmp_path / 'checkpoints') / 'state.pt', weights_only=True)
+    assert state['scaler']['scale'] > 0  # the GradScaler's state is checkpointed with the rest
