@@ -77,20 +77,38 @@ class DualBatchNorm2d(_DualRouting, SplitBatchNorm2d):
         return nn.BatchNorm2d.forward(self, x)
 
 
-class SyncBatchNorm2d(nn.SyncBatchNorm):
-    """``nn.SyncBatchNorm`` that also synchronises CPU tensors (gloo), which torch's refuses, and runs the
-    ``drop``/``act`` it may carry from a timm ``BatchNormAct2d``.
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm whose batch statistics are reduced over all ranks while training under torch.distributed,
+    on GPU and on CPU (gloo) alike, and which runs the ``drop``/``act`` it may carry from a timm
+    ``BatchNormAct2d``.
 
-    On CPU the per-channel sum, sum of squares and count are all-reduced with autograd-aware
-    collectives, so forward, backward and running statistics match one process holding the global
-    batch; on GPU torch's fused kernels do the same job.
+    torch's ``nn.SyncBatchNorm`` refuses CPU tensors and DDP refuses it in CPU modules, so this is a
+    ``BatchNorm2d``: on CUDA it calls torch's fused sync-BN function, on CPU it all-reduces the
+    per-channel sum, sum of squares and count with autograd-aware collectives. Either way forward,
+    backward and running statistics match one process holding the global batch. Outside a
+    distributed run, or in eval mode, it is an ordinary BatchNorm2d.
     """
 
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.process_group = process_group
+
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == 'cpu' and self.training and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size(self.process_group or dist.group.WORLD) > 1):
-            return _cpu_sync_batch_norm(self, x)
-        return nn.SyncBatchNorm.forward(self, x)
+        group = self.process_group or (dist.group.WORLD if dist.is_available() and dist.is_initialized() else None)
+        if not (self.training and group is not None and dist.get_world_size(group) > 1):
+            return nn.BatchNorm2d.forward(self, x)
+        if x.device.type == 'cpu':
+            return _cpu_sync_batch_norm(self, x, group)
+        from torch.nn.modules._functions import SyncBatchNorm as _sync_bn  # torch's fused CUDA path
+        track = self.track_running_stats
+        if track:
+            self.num_batches_tracked.add_(1)
+        factor = (self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)) \
+            if track else 0.0
+        return _sync_bn.apply(x, self.weight, self.bias, self.running_mean if track else None,
+                              self.running_var if track else None, self.eps, factor, group,
+                              dist.get_world_size(group))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._normalize(x)
@@ -101,23 +119,37 @@ class SyncBatchNorm2d(nn.SyncBatchNorm):
         return x
 
 
-def _cpu_sync_batch_norm(bn: nn.SyncBatchNorm, x: torch.Tensor) -> torch.Tensor:
+def _all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
+    """Differentiable all-reduce (the backward all-reduces the gradient): torch's functional collectives
+    where they carry autograd (recent torch), ``torch.distributed.nn`` before that."""
+    from torch.distributed import _functional_collectives as fc
+    if hasattr(fc, 'all_reduce_backward'):
+        return fc.wait_tensor(fc.all_reduce(t, 'sum', group))
     from torch.distributed.nn.functional import all_reduce
+    return all_reduce(t, group=group)
+
+
+def _cpu_sync_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, group) -> torch.Tensor:
     c = x.shape[1]
     dims = [0] + list(range(2, x.dim()))
+    shape = [1, c] + [1] * (x.dim() - 2)
     xf = x.float()
-    local = torch.cat([xf.sum(dims), (xf * xf).sum(dims), xf.new_tensor([x.numel() / c])])
-    total = all_reduce(local, group=bn.process_group or dist.group.WORLD)  # differentiable: grads summed too
+    # sums of (x - k) around the running mean (the same on every rank): E[x^2] - E[x]^2 on raw values
+    # would cancel catastrophically in float32 when the mean is large against the spread
+    k = bn.running_mean.detach().float() if bn.running_mean is not None else xf.new_zeros(c)
+    d = xf - k.view(shape)
+    local = torch.cat([d.sum(dims), (d * d).sum(dims), xf.new_tensor([x.numel() / c])])
+    total = _all_reduce_sum(local, group)
     n = total[-1]
-    mean = total[:c] / n
-    var = (total[c:2 * c] / n - mean * mean).clamp(min=0)
-    if bn.track_running_stats:
+    shift = total[:c] / n
+    mean = k + shift
+    var = (total[c:2 * c] / n - shift * shift).clamp(min=0)
+    if bn.training and bn.track_running_stats:
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
             factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
             bn.running_mean.mul_(1 - factor).add_(factor * mean.detach())
             bn.running_var.mul_(1 - factor).add_(factor * var.detach() * n / (n - 1).clamp(min=1))
-    shape = [1, c] + [1] * (x.dim() - 2)
     y = (xf - mean.view(shape)) * torch.rsqrt(var + bn.eps).view(shape)
     if bn.affine:
         y = y * bn.weight.view(shape) + bn.bias.view(shape)
@@ -188,7 +220,8 @@ def to_dual_bn(model: nn.Module) -> nn.Module:
     """Give every BatchNorm2d of ``model`` an auxiliary twin, in place; returns ``model``.
 
     Handles ``nn.BatchNorm2d``, timm's ``BatchNormAct2d`` (its drop and act are kept and run after
-    either BN), ``nn.SyncBatchNorm`` and timm's ``SyncBatchNormAct`` (these become ``SyncDualBatchNorm``).
+    either BN), ``nn.SyncBatchNorm``, timm's ``SyncBatchNormAct`` and ``SyncBatchNorm2d`` (these become
+    ``SyncDualBatchNorm``).
     The main BN keeps its parameter and buffer tensors, so keys and values are unchanged; the auxiliary
     starts as an independent copy of it. Layers that are already dual are left alone. The route starts
     as ``'main'``, so the converted model computes exactly what the original did.
@@ -200,7 +233,7 @@ def to_dual_bn(model: nn.Module) -> nn.Module:
             found.append(is_dual_bn(m))
             return None
         found.append(True)
-        if isinstance(m, nn.SyncBatchNorm):
+        if isinstance(m, (nn.SyncBatchNorm, SyncBatchNorm2d)):
             dual = SyncDualBatchNorm(process_group=m.process_group, **_bn_kwargs(m))
         elif isinstance(m, nn.BatchNorm2d):
             if isinstance(m, SplitBatchNorm2d):

@@ -10,9 +10,10 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
-from timm.layers import BatchNormAct2d, SyncBatchNormAct
+from timm.layers import BatchNormAct2d
 
-from .dual_bn import DualBatchNorm2d, SyncDualBatchNorm, _bn_kwargs, _carry_act, _copy_bn_state, _replace
+from .dual_bn import (DualBatchNorm2d, SyncBatchNorm2d, SyncDualBatchNorm, _bn_kwargs, _carry_act, _copy_bn_state,
+                      _replace)
 from .weights import PathLike, WeightsError, check_state_dict, load_weights, save_weights
 
 __all__ = ['AUX_KEY', 'fold_dual_bn', 'fold_state_dict', 'fold_checkpoint']
@@ -24,14 +25,13 @@ def fold_dual_bn(model: nn.Module) -> nn.Module:
     """Replace every dual BN of ``model`` by its main BN, in place; returns ``model``.
 
     ``DualBatchNorm2d`` becomes ``nn.BatchNorm2d``, or timm's ``BatchNormAct2d`` (with the same drop and
-    act) when it came from one; ``SyncDualBatchNorm`` becomes ``nn.SyncBatchNorm`` / timm's
-    ``SyncBatchNormAct``. The main parameter and buffer tensors are kept, so the state dict is exactly
+    act) when it came from one; ``SyncDualBatchNorm`` becomes ``SyncBatchNorm2d`` (drop and act kept).
+    The main parameter and buffer tensors are kept, so the state dict is exactly
     the main branch's and loads strictly into the plain timm model. Deep-copy first to keep the dual one.
     """
     def convert(m: nn.Module) -> Optional[nn.Module]:
         if isinstance(m, SyncDualBatchNorm):
-            has_act = hasattr(m, 'act')
-            plain = (SyncBatchNormAct if has_act else nn.SyncBatchNorm)(process_group=m.process_group, **_bn_kwargs(m))
+            plain = SyncBatchNorm2d(process_group=m.process_group, **_bn_kwargs(m))
         elif isinstance(m, DualBatchNorm2d):
             has_act = hasattr(m, 'act')
             plain = BatchNormAct2d(apply_act=False, **_bn_kwargs(m)) if has_act else nn.BatchNorm2d(**_bn_kwargs(m))

@@ -6,6 +6,8 @@ import timm
 import torch
 from timm.layers import BatchNormAct2d
 
+from advprop_zoo.dual_bn import SyncBatchNorm2d
+
 from advprop_zoo import (
     DualBatchNorm2d, SyncDualBatchNorm, bn_route, convert_sync_dual_bn, fold_dual_bn, is_dual_bn, to_dual_bn,
     use_aux_bn,
@@ -252,7 +254,7 @@ def test_sync_conversion_keeps_both_branches():
     params = {n: p for n, p in dual.named_parameters()}
     act = dual.bn1.act
     sync = convert_sync_dual_bn(dual)
-    assert isinstance(sync.bn1, SyncDualBatchNorm) and isinstance(sync.bn1.aux_bn[0], torch.nn.SyncBatchNorm)
+    assert isinstance(sync.bn1, SyncDualBatchNorm) and isinstance(sync.bn1.aux_bn[0], SyncBatchNorm2d)
     assert sync.bn1.act is act and sync.bn1.route == 'aux'
     assert not any(type(m) in (DualBatchNorm2d, torch.nn.BatchNorm2d, BatchNormAct2d) for m in sync.modules())
     after = sync.state_dict()
@@ -265,11 +267,11 @@ def test_sync_conversion_keeps_both_branches():
         with use_aux_bn(sync):
             assert torch.equal(sync(x), _aux_as_main(dual)(x))
     folded = fold_dual_bn(sync)
-    assert type(folded.bn1).__name__ == 'SyncBatchNormAct' and folded.bn1.act is act
+    assert type(folded.bn1).__name__ == 'SyncBatchNorm2d' and folded.bn1.act is act
 
 
 def test_sync_conversion_of_a_sync_model():
-    plain = convert_sync_dual_bn(_plain('resnet50'))  # plain BNs: timm's conversion
-    assert type(plain.bn1) is torch.nn.SyncBatchNorm
+    plain = convert_sync_dual_bn(_plain('resnet50'))  # plain BNs: synchronised BNs that also work on CPU
+    assert type(plain.bn1) is SyncBatchNorm2d
     dual = to_dual_bn(plain)
     assert isinstance(dual.bn1, SyncDualBatchNorm) and torch.equal(dual.bn1.weight, dual.bn1.aux_bn[0].weight)
