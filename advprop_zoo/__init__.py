@@ -1,15 +1,17 @@
 """advprop-zoo: AdvProp EfficientNets for timm.
 
 ``import advprop_zoo`` registers ``efficientnet_b0_advprop`` ... ``efficientnet_b8_advprop`` in timm's
-model registry; everything else (weights, and later dual BN, folding, attacks, training, evaluation)
-is reached from here.
+model registry; everything else (weights, dual BN, folding and fusion, export, attacks, training
+objectives, evaluation) is reached from here. The train loop itself is the separate ``advprop_zoo_train``.
 """
 from .efficientnet_advprop import (
     DEFAULT_TAG, HUB_ORG, VARIANTS, ZOO_TAG, AdvPropVariant, PaperAttacker, get_variant, paper_attacker,
 )
 from .names import UnknownModelError, check_model_name
+from .attacks import AttackConfig, attack
+from .modes import MODES, ModeConfig, StepLosses, forward_loss
 from .dual_bn import (
-    DualBatchNorm2d, SyncDualBatchNorm, bn_route, convert_sync_dual_bn, is_dual_bn, to_dual_bn, use_aux_bn,
+    DualBatchNorm2d, SyncBatchNorm2d, SyncDualBatchNorm, bn_route, convert_sync_dual_bn, is_dual_bn, to_dual_bn, use_aux_bn,
 )
 from .fold import fold_checkpoint, fold_dual_bn, fold_state_dict
 from .fuse import fuse_bn, static_same_padding
