@@ -209,9 +209,11 @@ def _source_line(r: EvalResults, c: CardInputs) -> str:
     what = ' '.join(x for x in (f'`{r.model}`' if r.model else '', f'on {r.dataset}' if r.dataset else '') if x)
     if what:
         parts.append(what)
-    if r.weights_sha256:
-        parts.append(f'weights sha256 `{r.weights_sha256}` (the source file of this upload, whose tensors '
-                     '`model.safetensors` holds unchanged)')
+    if r.weights_sha256 == c.weights_sha256:
+        parts.append(f"weights sha256 `{r.weights_sha256}` (this repo's `model.safetensors`)")
+    elif r.weights_sha256:
+        parts.append(f'weights sha256 `{r.weights_sha256}` (the file this repo was staged from; '
+                     '`model.safetensors` holds its tensors unchanged)')
     differ = [k for k in ('input_size', 'interpolation', 'crop_pct', 'mean', 'std')
               if k in r.data_config and k in c.data_config and not _same(r.data_config[k], c.data_config[k])]
     if differ:

@@ -123,8 +123,8 @@ def validate_folder(folder: Path, source: torch.nn.Module, state_dict: Mapping[s
     return diff
 
 
-def _check_eval(results: EvalResults, variant: AdvPropVariant, weights: Path, sha: str, num_classes: int) -> None:
-    """Numbers on a card must be about these weights: refuse results of another model or another file."""
+def _check_eval_model(results: EvalResults, variant: AdvPropVariant, weights: Path, num_classes: int) -> None:
+    """Numbers on a card must be about this model: refuse results of another variant or head."""
     import timm
     if results.model:
         base = results.model.split('.', 1)[0]
@@ -134,10 +134,16 @@ def _check_eval(results: EvalResults, variant: AdvPropVariant, weights: Path, sh
     if results.num_classes is not None and results.num_classes != num_classes:
         raise PublishError(f'{results.path}: evaluates a {results.num_classes}-class model; {weights} has '
                            f'{num_classes} classes')
-    if results.weights_sha256 and results.weights_sha256 != sha:
+
+
+def _check_eval_weights(results: EvalResults, weights: Path, source_sha: str, staged_sha: str) -> None:
+    """...and about these weights, where the file records their hash: the file handed in, or the staged
+    model.safetensors (what an eval of the published repo hashes; timm re-serialises the same tensors)."""
+    if results.weights_sha256 and results.weights_sha256 not in (source_sha, staged_sha):
         raise PublishError(
             f'{results.path}: measured weights with sha256 {results.weights_sha256[:12]}..., but {weights} has '
-            f'{sha[:12]}...; evaluate this file (advprop-zoo eval --checkpoint {weights}) or publish without --eval')
+            f'{source_sha[:12]}...; evaluate this file (advprop-zoo eval --checkpoint {weights}) or publish without '
+            '--eval')
 
 
 def _registered_as(variant: AdvPropVariant, repo_id: str) -> Optional[str]:
@@ -178,17 +184,20 @@ def stage_repo(
         raise WeightsError(msg if msg.startswith(str(weights)) else f'{weights}: {msg}') from None
     source_sha = sha256_file(weights)
     for results in eval_results:
-        _check_eval(results, variant, weights, source_sha, source.num_classes)
+        _check_eval_model(results, variant, weights, source.num_classes)
     metrics = merged_metrics(eval_results)  # two files disagreeing on one number stop here
     tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.staging-', dir=out.parent))
     try:
         save_for_hf(source, tmp, safe_serialization=True, model_config={'architecture': variant.timm_arch})
         diff = validate_folder(tmp, source, state_dict)
+        staged_sha = sha256_file(tmp / 'model.safetensors')
+        for results in eval_results:
+            _check_eval_weights(results, weights, source_sha, staged_sha)
         data_config = _data_config(source)
         card = model_card(CardInputs(
             variant=variant, model_name=model_name, architecture=variant.timm_arch, repo_id=repo_id,
             num_classes=source.num_classes, params=sum(p.numel() for p in source.parameters()),
-            data_config=data_config, weights_sha256=sha256_file(tmp / 'model.safetensors'),
+            data_config=data_config, weights_sha256=staged_sha,
             source_sha256=source_sha, source_metadata=dict(source_meta),
             registered_as=_registered_as(variant, repo_id), eval_results=list(eval_results), max_abs_diff=diff))
         with atomic_write(tmp / 'README.md') as f:

@@ -303,6 +303,18 @@ def test_eval_json_of_other_weights(b0, tmp_path, capsys):
     _assert_clean_failure(rc, err, 'measured weights with sha256 ffffffffffff', tmp_path / 'out')
 
 
+def test_eval_of_the_published_file_is_accepted(staged, b0, tmp_path, capsys):
+    """An eval of the repo itself hashes the staged model.safetensors (timm re-serialised the tensors):
+    that hash is as good as the source file's."""
+    out, _ = staged
+    weights, _ = b0
+    results = _eval_json(tmp_path / 'hub.json', out / 'model.safetensors')
+    rc, _, err = _run(capsys, '--weights', weights, '--model', MODEL, '--repo-id', REPO, '--eval', results,
+                      '--dry-run', '--out', tmp_path / 'again')
+    assert rc == 0, err
+    assert "(this repo's `model.safetensors`)" in (tmp_path / 'again' / 'README.md').read_text()
+
+
 def test_failure_mid_staging_leaves_nothing(b0, tmp_path, capsys, monkeypatch):
     """A check that fails after timm wrote the files: the temp folder goes, the target never appears."""
     import hub.stage
