@@ -249,7 +249,8 @@ def _evaluation(c: CardInputs) -> str:
                 '--output results.json` '
                 'and publish again with `--eval results.json`.\n')
     metrics = merged_metrics(c.eval_results)
-    units = ('Accuracies, errors, CE and mCE are percentages (AlexNet\'s mCE = 100); eps is in 0-255 pixel units.'
+    units = ('Accuracies and errors are percentages, CE and mCE are normalised by AlexNet\'s errors, and eps is in '
+             '0-255 pixel units.'
              if all(r.schema for r in c.eval_results) else 'Values are in the units of the file they come from.')
     text = ('\n## Evaluation\n\nEvery number below is copied, as written, from these evaluation results; nothing '
             f'else is reported. {units}\n\n' + '\n'.join(_source_line(r, c) for r in c.eval_results) + '\n\n')
