@@ -62,13 +62,18 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), child, new)
 
 
-def static_same_padding(model: nn.Module, input_size: InputSize) -> nn.Module:
+def static_same_padding(model: nn.Module, input_size: InputSize, pad_in_kernel: bool = False) -> nn.Module:
     """Replace every timm ``Conv2dSame`` (dynamic TF 'same' padding) by a conv with the padding it
     computes for ``input_size`` (H, (H, W) or (C, H, W)), in place; returns ``model``.
 
-    Symmetric padding becomes an ordinary ``nn.Conv2d``; TF's asymmetric padding a
-    ``StaticPadConv2d``. Weights are shared, not copied. The model is then only valid at that input
-    size, which is checked here once with one forward pass that records each conv's input size.
+    Symmetric padding becomes an ordinary ``nn.Conv2d`` (weights shared). TF's asymmetric padding
+    (one more row / column at the bottom / right, e.g. every stride-2 conv on an even size) becomes a
+    ``StaticPadConv2d`` (weights shared; an explicit pad, which exporters turn into the Conv's own
+    asymmetric pads) or, with ``pad_in_kernel``, an ``nn.Conv2d`` whose kernel gets the missing top /
+    left padding as leading zero taps and pads symmetrically: the same sums without copying the
+    activation into a padded buffer on every call (faster in PyTorch, eager or compiled; the weight
+    is a new, larger tensor). The model is then only valid at that input size, which is measured
+    here with one forward pass that records each conv's input size.
     """
     h, w = _spatial(input_size)
     convs = {name: m for name, m in model.named_modules() if type(m) is Conv2dSame}
@@ -98,11 +103,17 @@ def static_same_padding(model: nn.Module, input_size: InputSize) -> nn.Module:
         kwargs = dict(in_channels=conv.in_channels, out_channels=conv.out_channels, kernel_size=conv.kernel_size,
                       stride=conv.stride, dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
                       device='meta')
+        weight = conv.weight
         if left == right and top == bottom:
             new = nn.Conv2d(padding=(top, left), **kwargs)
+        elif pad_in_kernel and conv.dilation == (1, 1):  # TF pads right >= left, bottom >= top
+            kwargs['kernel_size'] = (conv.kernel_size[0] + bottom - top, conv.kernel_size[1] + right - left)
+            new = nn.Conv2d(padding=(bottom, right), **kwargs)
+            weight = nn.Parameter(F.pad(weight.detach(), (right - left, 0, bottom - top, 0)),
+                                  requires_grad=weight.requires_grad)
         else:
             new = StaticPadConv2d(pad=(left, right, top, bottom), **kwargs)
-        new.weight = conv.weight
+        new.weight = weight
         if conv.bias is not None:
             new.bias = conv.bias
         new.train(conv.training)
@@ -170,20 +181,20 @@ def _after_bn(bn: _BN, first: Optional[nn.Module] = None) -> nn.Module:
     return parts[0][1] if len(parts) == 1 and first is not None else nn.Sequential(OrderedDict(parts))
 
 
-def fuse_bn(model: nn.Module, input_size: Optional[InputSize] = None) -> nn.Module:
+def fuse_bn(model: nn.Module, input_size: Optional[InputSize] = None, pad_in_kernel: bool = False) -> nn.Module:
     """Fold every BatchNorm of ``model`` into the conv that feeds it, in place; returns ``model`` in eval mode.
 
     Uses the BN running statistics (eval-mode BN). Regular, grouped / depthwise convs and timm's
     ``Conv2dSame`` are fused; timm ``BatchNormAct2d`` leaves its drop and act in its place. A BN without
     a conv of its own (rare) becomes an equivalent depthwise 1x1 conv, so no BatchNorm module remains.
     With ``input_size`` (H, (H, W) or (C, H, W)), TF 'same' padding is also made static for that size
-    (see ``static_same_padding``). Dual-BN models must be folded first (``fold_dual_bn``).
+    (see ``static_same_padding`` for ``pad_in_kernel``). Dual-BN models must be folded first (``fold_dual_bn``).
     """
     if any(is_dual_bn(m) for m in model.modules()):
         raise ValueError('fuse_bn: the model has dual BNs; fold them first with fold_dual_bn(model)')
     model.eval()
     if input_size is not None:
-        static_same_padding(model, input_size)
+        static_same_padding(model, input_size, pad_in_kernel=pad_in_kernel)
     pairs, lone = _conv_bn_pairs(model)
     with torch.no_grad():
         for conv_name, bn_name in pairs:

@@ -93,19 +93,22 @@ def test_fusion_is_exact_in_float64(models):
         assert rel_diff(fuse_bn(m64, input_size=size)(x), ref) < 1e-12
 
 
+@pytest.mark.parametrize('pad_in_kernel', [False, True])
 @pytest.mark.parametrize('size, asymmetric', [((64, 64), True), ((65, 97), False), ((33, 40), True)])
-def test_static_padding_is_identical_to_dynamic(size, asymmetric):
+def test_static_padding_is_identical_to_dynamic(size, asymmetric, pad_in_kernel):
     model = calibrated('efficientnet_b0_advprop', 32)
     static = copy.deepcopy(model)
     stem_weight = static.conv_stem.weight
-    static_same_padding(static, (3,) + size)
+    static_same_padding(static, (3,) + size, pad_in_kernel=pad_in_kernel)
     assert not any(isinstance(m, Conv2dSame) for m in static.modules())
     kinds = {type(m) for m in static.modules() if isinstance(m, nn.Conv2d)}
-    assert (StaticPadConv2d in kinds) == asymmetric  # TF pads stride-2 convs on even sizes asymmetrically
-    x = torch.randn(2, 3, *size)
+    # TF pads stride-2 convs on even sizes asymmetrically: an explicit pad, or zero taps in a larger kernel
+    assert (StaticPadConv2d in kinds) == (asymmetric and not pad_in_kernel)
+    assert (static.conv_stem.kernel_size != (3, 3)) == (asymmetric and pad_in_kernel)
+    x = check_inputs((3,) + size, batch_size=1)
     with torch.no_grad():
-        assert torch.equal(static(x), model(x))
-    assert static.conv_stem.weight is stem_weight  # shared, not copied
+        assert torch.equal(static(x), model(x))  # the same sums: zero pads and zero taps add exact zeros
+    assert (static.conv_stem.weight is stem_weight) == (not (asymmetric and pad_in_kernel))  # shared, not copied
 
 
 def test_fuses_convs_with_bias_groups_and_lone_bn():
