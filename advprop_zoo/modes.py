@@ -36,7 +36,9 @@ class ModeConfig:
     adv_weight: float = 1.0  # advprop / fast-advprop: loss = clean + adv_weight * adversarial
     clean_weight: float = 0.5  # adv-train: a in a * J(x) + (1 - a) * J(x_adv)
     p_adv: float = 0.2  # fast-advprop: fraction of each batch that is attacked
-    split_bn: bool = True  # advprop: one pass over [clean; adv] through split BNs instead of two passes
+    # advprop: one pass over [clean; adv] through split BNs instead of two passes. Off by default: on CPU
+    # two passes measured faster (benchmarks/dual_bn.py, benchmarks/train_step.py); the update is the same
+    split_bn: bool = False
     attack_bn_mode: str = 'train'  # BN statistics the attack sees: batch ('train') or running ('eval')
 
     def __post_init__(self):

@@ -37,8 +37,12 @@ def main() -> None:
     p.add_argument('--device', default='cpu')
     p.add_argument('--amp', default=None, choices=('bf16', 'fp16'))
     p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--threads', type=int, default=None,
+                   help='torch CPU threads (default: torch\'s; 1 avoids OpenMP oversubscription on a shared machine)')
     p.add_argument('--quick', action='store_true', help='128 px, 3 rounds')
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.res, args.rounds = 128, 3
     device = torch.device(args.device)

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = ['--model', 'test_efficientnet', '--input-size', '3', '32', '32', '--epochs', '1', '--opt', 'momentum',
        '--momentum', '0', '--weight-decay', '0', '--lr', '0.05', '--sched', 'cosine', '--warmup-epochs', '0', '--workers', '0', '--scale', '0.5', '1.0',
        '--drop', '0', '--drop-path', '0', '--mode', 'advprop', '--attack-eps', '2', '--attack-steps', '2',
-       '--untargeted', '--no-random-start', '--max-steps', '1', '--no-progress']
+       '--untargeted', '--no-random-start', '--split-bn', '--max-steps', '1', '--no-progress']
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)}
 
 
