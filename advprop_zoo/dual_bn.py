@@ -24,7 +24,7 @@ from typing import Dict, Iterator, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
-from timm.layers import BatchNormAct2d, SplitBatchNorm2d, SyncBatchNormAct
+from timm.layers import SplitBatchNorm2d
 
 __all__ = [
     'ROUTES', 'DualBatchNorm2d', 'SyncBatchNorm2d', 'SyncDualBatchNorm', 'is_dual_bn', 'to_dual_bn', 'convert_sync_dual_bn',

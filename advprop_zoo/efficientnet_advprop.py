@@ -9,7 +9,7 @@ attacker, recorded here so the train loop can find it.
 Importing this module (``import advprop_zoo``) registers the models with ``@register_model``.
 """
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
 import torch
 from timm.models import generate_default_cfgs, register_model

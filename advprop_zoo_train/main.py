@@ -8,7 +8,6 @@ needs, and folding them away at the end so the saved weights load into the plain
 import argparse
 import copy
 import json
-import math
 import os
 import random
 import time

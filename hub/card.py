@@ -137,7 +137,6 @@ The config records it: {res}x{res} input, {c.data_config['interpolation']} resiz
 
 
 def _details(c: CardInputs) -> Dict[str, object]:
-    v = c.variant
     res = c.data_config['input_size'][-1]
     details: Dict[str, object] = {
         'Model Type': 'Image classification / feature backbone',

@@ -7,6 +7,10 @@ os.environ['HF_HUB_OFFLINE'] = '1'
 os.environ['HF_HOME'] = tempfile.mkdtemp(prefix='advprop-zoo-hf-home-')
 os.environ.pop('HF_HUB_CACHE', None)
 os.environ.pop('HF_TOKEN', None)
+# One intra-op thread, also for the subprocesses tests start (torchrun, kill -9): on a small machine
+# OpenMP threads spinning against other processes make small forwards 10-30x slower, and no result
+# depends on the thread count.
+os.environ.setdefault('OMP_NUM_THREADS', '1')
 
 import hashlib  # noqa: E402
 import json  # noqa: E402
@@ -16,6 +20,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import advprop_zoo  # noqa: E402,F401  registers the models
+
+torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / 'shared' / 'reference'
 

@@ -72,16 +72,6 @@ def _perturb_aux(dual, seed=1):
             aux.bias.add_(torch.randn(aux.num_features, generator=g) * 0.1)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU, OpenMP threads spinning against other processes make
-    these small forwards 10-30x slower, and the results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope='module', params=ARCHS)
 def pair(request):
     plain = _plain(request.param)

@@ -18,16 +18,6 @@ ARCH = 'efficientnet_b0_advprop'
 SIZE = (3, 64, 80)  # non-square: catches H / W mix-ups in the static padding
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU, OpenMP threads spinning against other processes make
-    these small forwards 10-30x slower, and the results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope='module')
 def checkpoint(tmp_path_factory):
     """A dual-BN B0 checkpoint (10 classes) with non-trivial BN statistics in both branches."""

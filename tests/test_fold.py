@@ -15,16 +15,6 @@ from advprop_zoo.cli import main
 ARCH = 'efficientnet_b0_advprop'
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU, OpenMP threads spinning against other processes make
-    these small forwards 10-30x slower, and the results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope='module')
 def trained_dual():
     """A dual B0 after a few split-route training steps, so main and aux BNs hold different numbers."""

@@ -15,16 +15,6 @@ from advprop_zoo.fuse import StaticPadConv2d
 MODELS = [('efficientnet_b0_advprop', 64), ('efficientnet_b3_advprop', 72), ('resnet50', 64)]
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU, OpenMP threads spinning against other processes make
-    these small forwards 10-30x slower, and the results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def calibrated(name, size, seed=0):
     """A model whose BNs hold real-looking statistics: random affine params, running stats averaged
     over a few batches (init values 0 / 1 would make fusion nearly a no-op)."""

@@ -4,7 +4,6 @@ import copy
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 
 from advprop_zoo.attacks import AttackConfig, attack
 from advprop_zoo.dual_bn import bn_route, to_dual_bn

@@ -1,6 +1,5 @@
 """Checkpoints, bit-exact resume (also after kill -9), NaN stops, bad checkpoints on --resume."""
 import hashlib
-import os
 import signal
 import subprocess
 import sys
