@@ -17,5 +17,10 @@ from .fold import fold_checkpoint, fold_dual_bn, fold_state_dict
 from .fuse import fuse_bn, static_same_padding
 from .export import ExportError, export_model, inference_model
 from .weights import WeightsError, check_state_dict, load_weights, save_weights
+from .evaluate import evaluate_accuracy
+from .eval_data import EvalDataError, LogitSubset, imagenet_a_indices
+from .eval_suite import EvalConfig, load_eval_model, run_eval
+from .eval_results import compare_results, format_results, plot_results, read_results, write_results
+from .imagenet_c import imagenet_c_summary
 
 __version__ = '0.1.0'

@@ -54,6 +54,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .eval_cli import eval_command
+    return eval_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = argparse.ArgumentParser(
@@ -90,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--atol', type=float, default=1e-4, help='max abs difference to PyTorch allowed (default 1e-4)')
     p.add_argument('--force', action='store_true', help='replace the output if it exists')
     p.set_defaults(func=_cmd_export)
+
+    from .eval_cli import DESCRIPTION, add_eval_arguments
+    p = sub.add_parser('eval', help='ImageNet top-1/5, robust accuracy, ImageNet-C mCE, ImageNet-A, Stylized; '
+                       '--compare results', description=DESCRIPTION)
+    add_eval_arguments(p)
+    p.set_defaults(func=_cmd_eval)
     return parser
 
 

@@ -2,6 +2,8 @@
 
 Inputs arrive normalised with the model's mean/std (timm's eval transform); attacks work in that
 space directly, corruptions are applied in [0, 1] pixel space and the result normalised again.
+Hits are counted on the device and read once at the end, so the loop never waits on the
+accelerator between batches (the only sync is the final read).
 """
 import time
 from contextlib import nullcontext
@@ -40,15 +42,17 @@ def evaluate_accuracy(
     s = torch.tensor(std, device=device).view(1, -1, 1, 1)
     gen = torch.Generator(device=device).manual_seed(seed)
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-    correct1 = correct5 = total = 0
-    start = time.perf_counter()
-    batches = loader
+    hits = torch.zeros(2, dtype=torch.long, device=device)  # top-1, top-5
+    total = 0
+    bar = None
     if progress:
         from tqdm import tqdm
-        batches = tqdm(loader, desc=progress, unit='batch', leave=False)
+        bar = tqdm(desc=progress, unit='img', leave=False, dynamic_ncols=True,
+                   total=_num_images(loader))
+    start = time.perf_counter()
     try:
-        for x, y in batches:
-            x, y = x.to(device), y.to(device)
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if corruption is not None:
                 x = (corrupt(x * s + m, corruption[0], corruption[1], generator=gen) - m) / s
             if channels_last:
@@ -56,17 +60,30 @@ def evaluate_accuracy(
             if attack_cfg is not None:
                 x = attack(model, x, y, attack_cfg, mean, std, mode='eval', autocast_dtype=autocast_dtype,
                            generator=gen)
-            with torch.no_grad(), amp:
+            with torch.inference_mode(), amp:
                 logits = model(x)
             top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
             hit = top == y[:, None]
-            correct1 += hit[:, 0].sum().item()
-            correct5 += hit.any(dim=-1).sum().item()
+            hits += torch.stack([hit[:, 0].sum(), hit.any(dim=-1).sum()])
             total += len(y)
+            if bar is not None:
+                bar.update(len(y))
+        correct1, correct5 = hits.tolist()
     finally:
         model.train(was_training)
+        if bar is not None:
+            bar.close()
     if total == 0:
         raise ValueError('evaluation loader yielded no images')
     elapsed = time.perf_counter() - start
     return {'top1': 100.0 * correct1 / total, 'top5': 100.0 * correct5 / total, 'images': total,
             'images_per_s': total / elapsed}
+
+
+def _num_images(loader: Iterable) -> Optional[int]:
+    """Images a loader will yield, for the progress bar's total, when it can tell without iterating."""
+    dataset = getattr(loader, 'dataset', None)
+    try:
+        return len(dataset) if dataset is not None else len(loader.sampler)
+    except (TypeError, AttributeError):
+        return None

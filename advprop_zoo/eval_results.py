@@ -1,0 +1,205 @@
+"""Evaluation results: the JSON file, its Markdown tables, side-by-side comparison and plots.
+
+The JSON is the hand-off to everything downstream (model cards, comparisons), so its shape is fixed
+and versioned (``schema``) and every number sits in one flat ``metrics`` map (name -> number) as well
+as in the detailed ``results``. Schema ``advprop-zoo-eval/1``::
+
+    schema        "advprop-zoo-eval/1"
+    model         timm model name;  num_classes
+    weights       {source: "pretrained" | "checkpoint", location: hub repo id or file, sha256: hex or null}
+    dataset       imagenet | imagenet-c | imagenet-a | stylized | folder;  data_dir
+    data_config   timm's resolve_data_config: input_size, interpolation, mean, std, crop_pct, crop_mode
+    settings      batch_size, device, amp, channels_last, fused, seed, attack ({kind, eps, steps,
+                  targeted} or null), corruptions (imagenet-c), clean_dir
+    versions      advprop_zoo, timm, torch;  created (UTC, ISO 8601)
+    metrics       flat {name: number}: <set>_top1 / _top5 (set = imagenet, imagenet_a, stylized, folder),
+                  <set>_<attack>_top1 / _top5 (attack e.g. pgd5_eps4, fgsm_eps1, pgd3_eps2_targeted),
+                  imagenet_c_mce, imagenet_c_relative_mce, imagenet_c_error_<c>, imagenet_c_ce_<c>
+    results       clean {top1, top5, images, images_per_s}; robust [{name, kind, eps, steps, step_size,
+                  targeted, top1, top5, images, images_per_s}]; imagenet_c (see imagenet_c_summary)
+
+Accuracies, errors, CE and mCE are percentages (AlexNet's mCE = 100); eps is in 0-255 pixel units.
+"""
+import datetime
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+from .table import format_table
+from .weights import atomic_write
+
+__all__ = ['SCHEMA', 'metrics_of', 'write_results', 'read_results', 'format_results', 'compare_results',
+           'plot_results', 'check_plotting']
+
+SCHEMA = 'advprop-zoo-eval/1'
+_PREFIX = {'imagenet': 'imagenet', 'imagenet-a': 'imagenet_a', 'stylized': 'stylized', 'folder': 'folder',
+           'imagenet-c': 'imagenet_c'}
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat().replace('+00:00', 'Z')
+
+
+def attack_name(kind: str, eps: float, steps: int, targeted: bool) -> str:
+    """Metric-name form of an attack: ``pgd5_eps4``, ``fgsm_eps1``, ``pgd3_eps2_targeted``."""
+    return f'{kind}{steps if kind == "pgd" else ""}_eps{eps:g}' + ('_targeted' if targeted else '')
+
+
+def metrics_of(report: Mapping[str, Any]) -> Dict[str, float]:
+    """The flat ``{name: number}`` view of a report's ``results`` (what ``metrics`` holds)."""
+    res, out = report['results'], {}
+    clean_set = 'imagenet' if report['dataset'] == 'imagenet-c' else _PREFIX[report['dataset']]
+    if res.get('clean'):
+        out[f'{clean_set}_top1'] = res['clean']['top1']
+        out[f'{clean_set}_top5'] = res['clean']['top5']
+    for r in res.get('robust') or []:
+        out[f'{clean_set}_{r["name"]}_top1'] = r['top1']
+        out[f'{clean_set}_{r["name"]}_top5'] = r['top5']
+    c = res.get('imagenet_c')
+    if c:
+        for key in ('mce', 'relative_mce'):
+            if c.get(key) is not None:
+                out[f'imagenet_c_{key}'] = c[key]
+        for name, row in c['corruptions'].items():
+            out[f'imagenet_c_error_{name}'] = row['error']
+            if row.get('ce') is not None:
+                out[f'imagenet_c_ce_{name}'] = row['ce']
+    return out
+
+
+def write_results(report: Mapping[str, Any], path: os.PathLike) -> Path:
+    """Write a report as JSON, atomically (a reader sees the old file or the whole new one)."""
+    text = json.dumps(report, indent=2, allow_nan=False) + '\n'
+    with atomic_write(path, 'w') as f:
+        f.write(text)
+    return Path(path)
+
+
+def read_results(path: os.PathLike) -> Dict[str, Any]:
+    """Load a results JSON written by ``advprop-zoo eval``; ValueError with the reason if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'{path}: no such results file')
+    try:
+        report = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f'{path}: not a JSON file ({e})') from None
+    if not isinstance(report, dict) or report.get('schema') != SCHEMA or not isinstance(report.get('metrics'), dict):
+        raise ValueError(f'{path}: not an advprop-zoo eval results file (schema {SCHEMA!r} expected)')
+    return report
+
+
+def format_results(report: Mapping[str, Any]) -> str:
+    """Markdown tables of one report: headline numbers, the attack sweep, the ImageNet-C breakdown."""
+    res = report['results']
+    w = report['weights']
+    sha = (w.get('sha256') or '')[:12] or 'unknown'
+    parts = [f"{report['model']} on {report['dataset']} ({report['data_dir']}); weights {w['location']} "
+             f"(sha256 {sha}); input {'x'.join(map(str, report['data_config']['input_size']))}, "
+             f"{report['data_config']['interpolation']}, crop {report['data_config']['crop_pct']:.3f}"]
+    if res.get('clean'):
+        c = res['clean']
+        clean_set = 'imagenet (clean)' if report['dataset'] == 'imagenet-c' else report['dataset']
+        parts.append(format_table(['set', 'images', 'top-1', 'top-5', 'img/s'],
+                                  [[clean_set, c['images'], _p(c['top1']), _p(c['top5']), f"{c['images_per_s']:.1f}"]]))
+    if res.get('robust'):
+        rows = [[r['name'], f"{r['eps']:g}", r['steps'], _p(r['top1']), _p(r['top5']), f"{r['images_per_s']:.1f}"]
+                for r in res['robust']]
+        parts.append(format_table(['attack', 'eps (px)', 'steps', 'top-1', 'top-5', 'img/s'], rows))
+    c = res.get('imagenet_c')
+    if c:
+        rows = []
+        for name, row in c['corruptions'].items():
+            rows.append([name] + [_p(row['errors'][str(s)]) for s in range(1, 6)]
+                        + [_p(row['error']), _p(row['ce']), _p(row['relative_ce'])])
+        parts.append(format_table(['corruption', 'err s1', 's2', 's3', 's4', 's5', 'mean err', 'CE', 'rel. CE'], rows))
+        mce = _p(c['mce']) if c['mce'] is not None else 'n/a (needs all 15 corruptions)'
+        rel = (_p(c['relative_mce']) if c['relative_mce'] is not None
+               else 'n/a (needs all 15 corruptions and the clean error: --clean-dir)')
+        parts.append(f'mCE {mce}; relative mCE {rel} (AlexNet = 100; lower is better)')
+    return '\n\n'.join(parts)
+
+
+def _p(value: Optional[float]) -> str:
+    return '-' if value is None else f'{value:.2f}'
+
+
+def _lower_is_better(metric: str) -> bool:
+    return metric.startswith('imagenet_c_')  # errors, CE, mCE
+
+
+def compare_results(reports: Sequence[Mapping[str, Any]], labels: Optional[Sequence[str]] = None) -> str:
+    """Side-by-side metrics of two or more reports with deltas against the first (e.g. vanilla vs
+    AdvProp, as the paper's robustness table), as a Markdown table; mCE-like rows are lower-is-better."""
+    if len(reports) < 2:
+        raise ValueError('compare needs at least two results files')
+    labels = list(labels) if labels else [r['model'] for r in reports]
+    names: List[str] = []
+    for r in reports:
+        names += [m for m in r['metrics'] if m not in names]
+    base = reports[0]['metrics']
+    headers = ['metric'] + [labels[0]]
+    for label in labels[1:]:
+        headers += [label, 'Δ']
+    rows = []
+    for m in names:
+        row: List[Any] = [m + (' (↓)' if _lower_is_better(m) else ''), _p(base.get(m))]
+        for r in reports[1:]:
+            v = r['metrics'].get(m)
+            row += [_p(v), '-' if v is None or base.get(m) is None else f'{v - base[m]:+.2f}']
+        rows.append(row)
+    header_lines = [f'{lab}: {r["model"]} on {r["dataset"]}, weights {(r["weights"].get("sha256") or "unknown")[:12]}'
+                    for lab, r in zip(labels, reports)]
+    return '\n'.join(header_lines) + '\n\n' + format_table(headers, rows, align='l' + 'r' * (len(headers) - 1))
+
+
+def check_plotting() -> None:
+    """Fail now, before any evaluation, if matplotlib (the optional plotting dependency) is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError('--plot needs matplotlib, which is not installed: pip install matplotlib '
+                         '(or pip install "advprop-zoo[train]")') from None
+
+
+def plot_results(report: Mapping[str, Any], path: os.PathLike) -> Path:
+    """Accuracy vs eps for an attack sweep (eps 0 = clean), or CE per corruption for ImageNet-C; PNG/PDF/SVG
+    by ``path``'s suffix, written atomically. Uses matplotlib's object API (no pyplot, no display needed)."""
+    check_plotting()
+    from matplotlib.figure import Figure
+    res = report['results']
+    fig = Figure(figsize=(7, 4.2), layout='constrained')
+    ax = fig.add_subplot()
+    if res.get('robust'):
+        sweep = sorted(res['robust'], key=lambda r: r['eps'])
+        xs = [0.0] + [r['eps'] for r in sweep] if res.get('clean') else [r['eps'] for r in sweep]
+        for k in ('top1', 'top5'):
+            ys = ([res['clean'][k]] if res.get('clean') else []) + [r[k] for r in sweep]
+            ax.plot(xs, ys, marker='o', label=k.replace('top', 'top-'))
+        kinds = sorted({r['kind'].upper() for r in sweep})
+        ax.set_xlabel('eps (0-255 pixel units, L-inf)')
+        ax.set_ylabel('accuracy (%)')
+        ax.set_ylim(0, 101)
+        ax.set_title(f"{report['model']}: {'/'.join(kinds)} robust accuracy on {report['dataset']}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    elif res.get('imagenet_c'):
+        c = res['imagenet_c']
+        rows = [(n, r['ce'] if r['ce'] is not None else r['error']) for n, r in c['corruptions'].items()]
+        ax.bar(range(len(rows)), [v for _, v in rows], color='tab:blue')
+        ax.set_xticks(range(len(rows)), [n.replace('_', ' ') for n, _ in rows], rotation=60, ha='right')
+        ax.axhline(100, color='gray', lw=1, ls='--', label='AlexNet (CE = 100)')
+        if c['mce'] is not None:
+            ax.axhline(c['mce'], color='tab:red', lw=1.5, label=f"mCE {c['mce']:.1f}")
+        ax.set_ylabel('corruption error, CE (%; extras: mean error)')
+        ax.set_title(f"{report['model']}: ImageNet-C")
+        ax.legend()
+    else:
+        raise ValueError('nothing to plot: --plot needs --attack or --dataset imagenet-c')
+    path = Path(path)
+    fmt = path.suffix.lstrip('.').lower() or 'png'
+    with atomic_write(path) as f:
+        fig.savefig(f, format=fmt, dpi=120)
+    return path
+

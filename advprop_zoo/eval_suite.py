@@ -1,0 +1,295 @@
+"""The evaluation suite behind ``advprop-zoo eval``: one model, one dataset, every number the paper reports.
+
+clean top-1 / top-5 (ImageNet val, Stylized-ImageNet, ImageNet-A through its 200-class logit mask,
+any ImageFolder), robust accuracy under a PGD / FGSM sweep over eps (``advprop_zoo.attacks``,
+eval-mode BNs), and ImageNet-C per-corruption errors, CE, mCE and relative mCE. Preprocessing is the
+model's own pretrained config through timm (``resolve_data_config`` + timm's dataset and loader), so
+an AdvProp model gets mean = std = 0.5, bicubic resizing and its TF crop without being told.
+
+For speed the model is evaluated BN-fused with TF 'same' padding made static for the eval size
+(``fuse_bn``): the same function up to float rounding (checked in the tests; ``fuse=False`` turns it off).
+"""
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .attacks import ATTACKS, AttackConfig
+from .eval_data import (
+    DATASETS, LogitSubset, class_map_for, create_eval_loader, find_imagenet_c, imagenet_a_indices, resolve_root,
+)
+from .eval_results import SCHEMA, attack_name, metrics_of, utc_now
+from .evaluate import evaluate_accuracy
+
+__all__ = ['EvalConfig', 'parse_eps', 'load_eval_model', 'eval_data_config', 'prepare_eval_model', 'run_eval']
+
+AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how; the fields of ``advprop-zoo eval`` (see its --help)."""
+    model: str
+    data_dir: str
+    dataset: str = 'imagenet'
+    checkpoint: Optional[str] = None
+    pretrained: bool = False
+    num_classes: Optional[int] = None
+    attack: Optional[str] = None
+    eps: Sequence[float] = (1.0, 2.0, 4.0)
+    steps: Optional[int] = None
+    step_size: Optional[float] = None
+    targeted: bool = False
+    batch_size: int = 64
+    amp: Optional[str] = None
+    channels_last: bool = False
+    device: Optional[str] = None
+    workers: int = 4
+    fuse: bool = True
+    img_size: Optional[int] = None
+    corruptions: Optional[Sequence[str]] = None
+    clean_dir: Optional[str] = None
+    seed: int = 0
+    progress: bool = True
+
+
+def parse_eps(text: str) -> List[float]:
+    """``'1,2,4'`` -> ``[1.0, 2.0, 4.0]``: a comma-separated list of eps in 0-255 pixel units."""
+    values = []
+    for part in str(text).split(','):
+        try:
+            v = float(part.strip())
+        except ValueError:
+            v = float('nan')
+        if not 0 <= v <= 255:  # also rejects NaN
+            raise ValueError(f'bad --eps {text!r}: expected comma-separated numbers in 0-255 pixel units, e.g. 1,2,4')
+        values.append(v)
+    if len(set(values)) != len(values):
+        raise ValueError(f'bad --eps {text!r}: a value is repeated')
+    return values
+
+
+def _classifier_size(state_dict: Dict[str, torch.Tensor], model_name: str) -> Optional[int]:
+    import timm
+    with torch.device('meta'):
+        cfg = timm.create_model(model_name).pretrained_cfg
+    head = cfg.get('classifier')
+    weight = state_dict.get(f'{head}.weight') if isinstance(head, str) else None
+    return int(weight.shape[0]) if weight is not None and weight.dim() >= 1 else None
+
+
+def load_eval_model(
+        model_name: str,
+        checkpoint: Optional[os.PathLike] = None,
+        pretrained: bool = False,
+        num_classes: Optional[int] = None,
+) -> Tuple[nn.Module, Dict[str, Optional[str]]]:
+    """Build ``model_name`` with the weights to evaluate: a ``checkpoint`` (plain or dual-BN, its
+    classifier size taken from the file unless ``num_classes`` says otherwise) or timm's pretrained
+    weights. Returns the model (CPU, eval mode) and ``{source, location, sha256}`` of the weights."""
+    import timm
+    from .fold import fold_state_dict
+    from .names import check_model_name
+    from .weights import cached_weights_path, check_pretrained_source, load_weights, sha256_file
+
+    if ':' not in model_name:  # hf-hub: / local-dir: names are timm's to resolve
+        check_model_name(model_name)
+    if checkpoint is not None and pretrained:
+        raise ValueError('give --pretrained or --checkpoint, not both')
+    if checkpoint is None and not pretrained:
+        raise ValueError('no weights to evaluate: give --pretrained (timm\'s weights) or --checkpoint FILE')
+    if checkpoint is not None:
+        state_dict = load_weights(checkpoint)
+        if num_classes is None:
+            num_classes = _classifier_size(state_dict, model_name)
+        kwargs = {} if num_classes is None else {'num_classes': num_classes}
+        model = timm.create_model(model_name, **kwargs)
+        model.load_state_dict(fold_state_dict(state_dict, model))
+        info = {'source': 'checkpoint', 'location': str(Path(checkpoint).resolve()), 'sha256': sha256_file(checkpoint)}
+    else:
+        if num_classes is not None:
+            raise ValueError('--num-classes only applies to --checkpoint (pretrained weights keep their own head)')
+        source, loc = check_pretrained_source(model_name)
+        model = timm.create_model(model_name, pretrained=True)
+        file, location = None, str(loc)
+        if source == 'hf-hub':
+            repo = loc[0] if isinstance(loc, (tuple, list)) else loc
+            location = f'hf-hub:{repo}'
+            file = cached_weights_path(repo, model.pretrained_cfg.get('hf_hub_filename') or 'model.safetensors')
+        elif source == 'file':
+            file = Path(loc)
+        elif source == 'local-dir':
+            from .weights import _local_dir_weights
+            file = _local_dir_weights(Path(loc))
+        info = {'source': 'pretrained', 'location': location, 'sha256': sha256_file(file) if file else None}
+    return model.eval(), info
+
+
+def eval_data_config(model: nn.Module, img_size: Optional[int] = None) -> Dict[str, Any]:
+    """timm's ``resolve_data_config`` for ``model`` (its pretrained config), optionally at another size."""
+    from timm.data import resolve_data_config
+    return resolve_data_config({'img_size': img_size} if img_size else {}, model=model)
+
+
+def prepare_eval_model(
+        model: nn.Module,
+        input_size: Sequence[int],
+        device: torch.device,
+        fuse: bool = True,
+        channels_last: bool = False,
+) -> nn.Module:
+    """The model as the suite runs it: on ``device``, eval mode, BNs fused into the convs with static
+    'same' padding for ``input_size`` (``fuse``), channels_last memory format if asked."""
+    from .fuse import fuse_bn
+    model = model.to(device).eval()
+    if fuse:  # TF's asymmetric 'same' pad as zero kernel taps: the same sums without a padded copy per conv
+        model = fuse_bn(model, input_size=tuple(input_size), pad_in_kernel=True)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _warmup(net: nn.Module, input_size: Sequence[int], batch_size: int, device: torch.device,
+            amp: Optional[torch.dtype], channels_last: bool) -> None:
+    """One untimed batch before the loop, as timm's validate.py does: first-call allocations and (CUDA)
+    cuDNN's algorithm search stay out of the measured images/s."""
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True  # one input size for the whole run
+    x = torch.zeros((batch_size, *input_size), device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), (torch.autocast(device.type, dtype=amp) if amp else nullcontext()):
+        net(x)
+
+
+def _device(name: Optional[str]) -> torch.device:
+    if name is None:
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f'--device {name!r} is not a torch device (cpu, cuda, cuda:1, ...)') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'--device {name}: CUDA is not available on this machine')
+    return device
+
+
+def _check_config(cfg: EvalConfig) -> None:
+    if cfg.dataset not in DATASETS:
+        raise ValueError(f'unknown dataset {cfg.dataset!r}; choose one of {", ".join(DATASETS)}')
+    if cfg.attack is not None:
+        if cfg.attack not in ATTACKS:
+            raise ValueError(f'unknown attack {cfg.attack!r}; choose one of {", ".join(ATTACKS)}')
+        if cfg.dataset == 'imagenet-c':
+            raise ValueError('--attack is not combined with --dataset imagenet-c (run it on imagenet)')
+        if not cfg.eps:
+            raise ValueError('--attack needs at least one --eps value')
+    if cfg.dataset != 'imagenet-c' and (cfg.corruptions or cfg.clean_dir):
+        raise ValueError('--corruptions and --clean-dir only apply to --dataset imagenet-c')
+    if cfg.batch_size < 1:
+        raise ValueError(f'--batch-size must be >= 1, got {cfg.batch_size}')
+    if cfg.workers < 0:
+        raise ValueError(f'--workers must be >= 0, got {cfg.workers}')
+    if cfg.amp is not None and cfg.amp not in AMP_DTYPES:
+        raise ValueError(f'unknown --amp {cfg.amp!r}; choose bf16 or fp16')
+    if cfg.img_size is not None and cfg.img_size < 8:
+        raise ValueError(f'--img-size must be >= 8, got {cfg.img_size}')
+
+
+def run_eval(cfg: EvalConfig) -> Dict[str, Any]:
+    """Evaluate ``cfg.model`` on ``cfg.dataset``; returns the report (schema in ``eval_results``).
+
+    Everything that can be checked before the model is loaded is checked first (data dir, layout,
+    ImageNet-C severities, attack settings), then the class folders against the model's classes."""
+    _check_config(cfg)
+    device = _device(cfg.device)
+    attacks = [AttackConfig(kind=cfg.attack, eps=e, steps=cfg.steps, step_size=cfg.step_size,
+                            targeted=cfg.targeted) for e in cfg.eps] if cfg.attack else []
+    if cfg.dataset == 'imagenet-c':
+        sets = find_imagenet_c(cfg.data_dir, cfg.corruptions)
+        clean_root = resolve_root(cfg.clean_dir, 'imagenet') if cfg.clean_dir else None
+        root = resolve_root(cfg.data_dir, 'imagenet-c')
+    else:
+        root = resolve_root(cfg.data_dir, cfg.dataset)
+        sets, clean_root = {}, None
+
+    model, weights = load_eval_model(cfg.model, cfg.checkpoint, cfg.pretrained, cfg.num_classes)
+    num_classes = int(getattr(model, 'num_classes', None) or model.pretrained_cfg.get('num_classes'))
+    data_config = eval_data_config(model, cfg.img_size)
+    mean, std = data_config['mean'], data_config['std']
+
+    # class maps for every folder first: a bad folder fails before minutes of evaluation
+    if cfg.dataset == 'imagenet-c':
+        maps = {(c, s): class_map_for('imagenet-c', d, num_classes) for c, by in sets.items() for s, d in by.items()}
+        clean_map = class_map_for('imagenet', clean_root, num_classes) if clean_root else None
+    else:
+        clean_map = class_map_for(cfg.dataset, root, num_classes)
+
+    net = prepare_eval_model(model, data_config['input_size'], device, fuse=cfg.fuse, channels_last=cfg.channels_last)
+    if cfg.dataset == 'imagenet-a':
+        net = LogitSubset(net, imagenet_a_indices()).to(device)
+    amp = AMP_DTYPES.get(cfg.amp) if cfg.amp else None
+    _warmup(net, data_config['input_size'], cfg.batch_size, device, amp, cfg.channels_last)
+
+    def run(folder: Path, class_map: Dict[str, int], label: str, attack_cfg: Optional[AttackConfig] = None,
+            name: str = 'data') -> Dict[str, float]:
+        loader = create_eval_loader(folder, class_map, data_config, cfg.batch_size, device, cfg.workers, name)
+        return evaluate_accuracy(net, loader, mean, std, attack_cfg=attack_cfg, device=device, autocast_dtype=amp,
+                                 channels_last=cfg.channels_last, seed=cfg.seed,
+                                 progress=label if cfg.progress else None)
+
+    results: Dict[str, Any] = {}
+    if cfg.dataset == 'imagenet-c':
+        from .imagenet_c import imagenet_c_summary
+        if clean_root is not None:
+            results['clean'] = run(clean_root, clean_map, 'imagenet (clean)', name='imagenet')
+        errors: Dict[str, Dict[int, float]] = {}
+        images = 0
+        for c, by in sets.items():
+            errors[c] = {}
+            for s, folder in by.items():
+                m = run(folder, maps[(c, s)], f'{c} s{s}', name='imagenet-c')
+                errors[c][s] = 100.0 - m['top1']
+                images += m['images']
+        clean_error = 100.0 - results['clean']['top1'] if 'clean' in results else None
+        results['imagenet_c'] = dict(imagenet_c_summary(errors, clean_error), images=images)
+    else:
+        results['clean'] = run(root, clean_map, cfg.dataset, name=cfg.dataset)
+        if attacks:
+            results['robust'] = []
+            for a in attacks:
+                r = a.resolved()
+                m = run(root, clean_map, f'{r.kind.upper()} eps {r.eps:g}', attack_cfg=a, name=cfg.dataset)
+                results['robust'].append(dict(
+                    name=attack_name(r.kind, r.eps, r.steps, r.targeted), kind=r.kind, eps=r.eps, steps=r.steps,
+                    step_size=r.step_size, targeted=r.targeted, random_start=r.random_start, **m))
+
+    import timm
+    from . import __version__
+    settings = dict(batch_size=cfg.batch_size, device=str(device), amp=cfg.amp, channels_last=cfg.channels_last,
+                    fused=cfg.fuse, seed=cfg.seed, workers=cfg.workers,
+                    attack=(dict(kind=cfg.attack, eps=list(cfg.eps), steps=cfg.steps, step_size=cfg.step_size,
+                                 targeted=cfg.targeted) if cfg.attack else None),
+                    corruptions=list(sets) if sets else None,
+                    clean_dir=str(clean_root.resolve()) if clean_root else None)
+    report = {
+        'schema': SCHEMA,
+        'model': cfg.model,
+        'num_classes': num_classes,
+        'weights': weights,
+        'dataset': cfg.dataset,
+        'data_dir': str(root.resolve()),
+        'data_config': {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items()},
+        'settings': settings,
+        'versions': {'advprop_zoo': __version__, 'timm': timm.__version__, 'torch': torch.__version__},
+        'created': utc_now(),
+        'metrics': {},
+        'results': results,
+    }
+    report['metrics'] = metrics_of(report)
+    return report
+
