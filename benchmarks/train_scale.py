@@ -42,7 +42,7 @@ def _worker(rank: int, world: int, port: int, args, results) -> None:
         dist.init_process_group('nccl' if cuda else 'gloo', rank=rank, world_size=world)
     torch.manual_seed(0)
     model = to_dual_bn(timm.create_model(args.model))
-    if world > 1:
+    if world > 1 and not args.no_sync_bn:
         model = convert_sync_dual_bn(model)
     model.to(device).train()
     step_model = DistributedDataParallel(model, device_ids=[rank] if cuda else None) if world > 1 else model
@@ -87,6 +87,7 @@ def main() -> None:
     p.add_argument('--steps', type=int, default=5)
     p.add_argument('--warmup', type=int, default=1)
     p.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
+    p.add_argument('--no-sync-bn', action='store_true', help='per-rank BN statistics (shows what sync BN costs)')
     args = p.parse_args()
     from advprop_zoo.table import format_table
     results = mp.Manager().dict()
@@ -95,7 +96,7 @@ def main() -> None:
     base = results[args.procs[0]]
     card = torch.cuda.get_device_name(0) if args.device == 'cuda' else f'CPU, {os.cpu_count()} cores'
     print(f'AdvProp PGD-1 step, {args.model} {args.res}px, {args.batch} images per process, {card}, '
-          f'median of {args.steps} steps')
+          f'{"per-rank" if args.no_sync_bn else "synchronised"} BNs, median of {args.steps} steps')
     print(format_table(['processes', 'images/s', 'vs 1 process'],
                        [[w, f'{results[w]:.1f}', f'{results[w] / base:.2f}x'] for w in args.procs], align='rrr'))
 
