@@ -101,10 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
                        '--compare results', description=DESCRIPTION)
     add_eval_arguments(p)
     p.set_defaults(func=_cmd_eval)
+
+    # the train loop lives in the separate advprop_zoo_train package; its own parser owns the flags
+    sub.add_parser('train', add_help=False, help='train / fine-tune with AdvProp; with no flags, the embedded demo '
+                   '(see advprop-zoo train --help)')
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ['train']:
+        from advprop_zoo_train import main as train_main
+        return train_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, 'func', None):
