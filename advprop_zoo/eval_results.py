@@ -97,7 +97,8 @@ def format_results(report: Mapping[str, Any]) -> str:
     sha = (w.get('sha256') or '')[:12] or 'unknown'
     parts = [f"{report['model']} on {report['dataset']} ({report['data_dir']}); weights {w['location']} "
              f"(sha256 {sha}); input {'x'.join(map(str, report['data_config']['input_size']))}, "
-             f"{report['data_config']['interpolation']}, crop {report['data_config']['crop_pct']:.3f}"]
+             f"{report['data_config']['interpolation']}, crop {report['data_config']['crop_pct']:.3f}, "
+             f"mean {_v(report['data_config'].get('mean'))} std {_v(report['data_config'].get('std'))}"]
     if res.get('clean'):
         c = res['clean']
         clean_set = 'imagenet (clean)' if report['dataset'] == 'imagenet-c' else report['dataset']
@@ -119,6 +120,10 @@ def format_results(report: Mapping[str, Any]) -> str:
                else 'n/a (needs all 15 corruptions and the clean error: --clean-dir)')
         parts.append(f'mCE {mce}; relative mCE {rel} (AlexNet = 100; lower is better)')
     return '\n\n'.join(parts)
+
+
+def _v(values: Optional[Sequence[float]]) -> str:
+    return '-' if values is None else '(' + ', '.join(f'{v:g}' for v in values) + ')'
 
 
 def _p(value: Optional[float]) -> str:
