@@ -73,3 +73,16 @@ def random_state_dict(model: torch.nn.Module, seed: int = 0) -> dict:
         else:
             out[k] = v.clone()
     return out
+
+
+def cli_fails(capsys, argv, *expected) -> str:
+    """Run ``advprop-zoo argv``: it must exit 1 with exactly one stderr line holding each ``expected`` text
+    and print nothing on stdout; returns that line."""
+    from advprop_zoo.cli import main
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and captured.out == '', captured.err
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]

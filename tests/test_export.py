@@ -12,6 +12,7 @@ import torch
 import advprop_zoo.export
 from advprop_zoo import fold_state_dict, save_weights, to_dual_bn
 from advprop_zoo.cli import main
+from conftest import cli_fails
 from advprop_zoo.export import check_inputs
 
 ARCH = 'efficientnet_b0_advprop'
@@ -94,31 +95,22 @@ def test_torchscript_loads_and_matches(checkpoint, reference):
         assert (loaded(x) - reference(x)).abs().max() <= 1e-4
 
 
-def _fails(capsys, argv, *expected):
-    assert main(argv) == 1
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and captured.out == '', captured.err
-    for text in expected:
-        assert text in lines[0], lines[0]
-
-
 def test_export_errors_leave_no_file(checkpoint, tmp_path, capsys, monkeypatch):
     out = tmp_path / 'm.pt'
     base = ['export', '--checkpoint', str(checkpoint), '--num-classes', '10', '--format', 'torchscript',
             '--input-size', '64', '--output', str(out)]
-    _fails(capsys, base + ['--model', 'tf-efficientnet-b0'], "did you mean 'efficientnet_b0_advprop'")
-    _fails(capsys, base + ['--model', 'efficientnet_b2_advprop'], 'shape mismatch for')
-    _fails(capsys, ['export', '--model', ARCH, '--checkpoint', str(tmp_path / 'none.safetensors'),
+    cli_fails(capsys, base + ['--model', 'tf-efficientnet-b0'], "did you mean 'efficientnet_b0_advprop'")
+    cli_fails(capsys, base + ['--model', 'efficientnet_b2_advprop'], 'shape mismatch for')
+    cli_fails(capsys, ['export', '--model', ARCH, '--checkpoint', str(tmp_path / 'none.safetensors'),
                     '--output', str(out)], 'no such weights file')
-    _fails(capsys, base[:-4] + ['--input-size', '3', '0', '64', '--output', str(out), '--model', ARCH],
+    cli_fails(capsys, base[:-4] + ['--input-size', '3', '0', '64', '--output', str(out), '--model', ARCH],
            'input size must be')
-    _fails(capsys, base[:-1] + [str(tmp_path / 'missing' / 'm.pt'), '--model', ARCH], 'does not exist')
+    cli_fails(capsys, base[:-1] + [str(tmp_path / 'missing' / 'm.pt'), '--model', ARCH], 'does not exist')
     real_run = advprop_zoo.export._torchscript_run
     monkeypatch.setattr(advprop_zoo.export, '_torchscript_run', lambda blob, x: real_run(blob, x) + 1e-3)
-    _fails(capsys, base + ['--model', ARCH], 'disagrees with PyTorch: max abs diff 0.001', 'not written')
+    cli_fails(capsys, base + ['--model', ARCH], 'disagrees with PyTorch: max abs diff 0.001', 'not written')
     monkeypatch.undo()
     assert list(tmp_path.iterdir()) == []  # nothing written, no temp files left
     out.write_bytes(b'keep')
-    _fails(capsys, base + ['--model', ARCH], 'output exists', '--force')
+    cli_fails(capsys, base + ['--model', ARCH], 'output exists', '--force')
     assert out.read_bytes() == b'keep'

@@ -11,6 +11,7 @@ from advprop_zoo import (
     WeightsError, bn_route, fold_checkpoint, fold_dual_bn, fold_state_dict, is_dual_bn, load_weights, to_dual_bn,
 )
 from advprop_zoo.cli import main
+from conftest import cli_fails
 
 ARCH = 'efficientnet_b0_advprop'
 
@@ -92,34 +93,24 @@ def test_fold_command(dual_file, trained_dual, capsys):
     assert fold_checkpoint(out, out, ARCH, overwrite=True, num_classes=10)[1:] == (len(sd), 0)  # plain: idempotent
 
 
-def _fails(capsys, argv, *expected):
-    assert main(argv) == 1
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and captured.out == '', captured.err
-    for text in expected:
-        assert text in lines[0], lines[0]
-    return lines[0]
-
-
 def test_fold_command_errors_leave_no_file(dual_file, tmp_path, capsys):
     out = tmp_path / 'out.safetensors'
-    _fails(capsys, ['fold', str(dual_file), str(out), '--model', 'efficientnet-b0'],
+    cli_fails(capsys, ['fold', str(dual_file), str(out), '--model', 'efficientnet-b0'],
            "unknown model 'efficientnet-b0'", "did you mean 'efficientnet_b0_advprop'")
-    _fails(capsys, ['fold', str(dual_file), str(out), '--model', 'efficientnet_b3_advprop', '--num-classes', '10'],
+    cli_fails(capsys, ['fold', str(dual_file), str(out), '--model', 'efficientnet_b3_advprop', '--num-classes', '10'],
            "shape mismatch for 'blocks.0.0.bn1.bias': weights have (32,), model EfficientNet expects (40,)")
-    _fails(capsys, ['fold', str(dual_file), str(out), '--model', 'efficientnet_b1_advprop', '--num-classes', '10'],
+    cli_fails(capsys, ['fold', str(dual_file), str(out), '--model', 'efficientnet_b1_advprop', '--num-classes', '10'],
            "weights lack 'blocks.0.1.conv_dw.weight' that the model expects")
-    _fails(capsys, ['fold', str(dual_file), str(out), '--model', ARCH], "shape mismatch for 'classifier.bias': weights have (10,), model EfficientNet expects (1000,)")
-    _fails(capsys, ['fold', str(tmp_path / 'nope.safetensors'), str(out), '--model', ARCH], 'no such weights file')
+    cli_fails(capsys, ['fold', str(dual_file), str(out), '--model', ARCH], "shape mismatch for 'classifier.bias': weights have (10,), model EfficientNet expects (1000,)")
+    cli_fails(capsys, ['fold', str(tmp_path / 'nope.safetensors'), str(out), '--model', ARCH], 'no such weights file')
     cut = tmp_path / 'cut.safetensors'
     cut.write_bytes(dual_file.read_bytes()[:5000])
-    _fails(capsys, ['fold', str(cut), str(out), '--model', ARCH], 'truncated')
-    _fails(capsys, ['fold', str(dual_file), str(tmp_path / 'no' / 'out.safetensors'), '--model', ARCH],
+    cli_fails(capsys, ['fold', str(cut), str(out), '--model', ARCH], 'truncated')
+    cli_fails(capsys, ['fold', str(dual_file), str(tmp_path / 'no' / 'out.safetensors'), '--model', ARCH],
            'does not exist')
     assert sorted(p.name for p in tmp_path.iterdir()) == ['cut.safetensors']  # no output, no temp files
     out.write_bytes(b'keep me')
-    _fails(capsys, ['fold', str(dual_file), str(out), '--model', ARCH, '--num-classes', '10'], 'output exists', '--force')
+    cli_fails(capsys, ['fold', str(dual_file), str(out), '--model', ARCH, '--num-classes', '10'], 'output exists', '--force')
     assert out.read_bytes() == b'keep me'
     assert main(['fold', str(dual_file), str(out), '--model', ARCH, '--num-classes', '10', '--force']) == 0
     assert load_weights(out).keys() == fold_state_dict(load_weights(dual_file)).keys()
