@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['AttackConfig', 'attack', 'pixel_bounds', 'bn_mode']
+__all__ = ['AttackConfig', 'attack', 'signed_step', 'pixel_bounds', 'bn_mode']
 
 ATTACKS = ('pgd', 'fgsm')
 _FP16_LOSS_SCALE = 1024.0  # only the sign of the input gradient is used: a fixed scale keeps fp16 grads off zero
@@ -116,7 +116,6 @@ def attack(
         std: Sequence[float],
         bn_route: Optional[str] = None,
         mode: Optional[str] = None,
-        param_grad_weight: float = 0.0,
         autocast_dtype: Optional[torch.dtype] = None,
         generator: Optional[torch.Generator] = None,
         target: Optional[torch.Tensor] = None,
@@ -126,9 +125,6 @@ def attack(
     Args:
         bn_route: on a dual-BN model, which BNs to attack through ('aux' while training with AdvProp).
         mode: 'train' (batch stats, running stats frozen), 'eval', or None (model as it is).
-        param_grad_weight: if > 0, also accumulate ``weight * d(attack loss)/d(params)`` into ``param.grad``
-            (Fast AdvProp reuses the attack pass as a training pass; fold a GradScaler's scale into the
-            weight). 0 by default: the attack then does no weight-gradient work at all.
         autocast_dtype: run the forward passes under autocast (bf16 / fp16).
         target: labels a targeted attack moves towards; default a random wrong label per image.
     """
@@ -146,8 +142,7 @@ def attack(
     if c.eps == 0:
         return x_adv
     amp = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-    scale = _FP16_LOSS_SCALE if autocast_dtype == torch.float16 and not param_grad_weight else 1.0
-    params = [p for p in model.parameters() if p.requires_grad] if param_grad_weight else []
+    scale = _FP16_LOSS_SCALE if autocast_dtype == torch.float16 else 1.0
     route = nullcontext()
     if bn_route is not None:
         from .dual_bn import bn_route as route_ctx
@@ -160,17 +155,28 @@ def attack(
             if target is None:
                 target = _random_wrong_label(y, logits.shape[-1], generator) if c.targeted else y
             loss = F.cross_entropy(logits.float(), target)
-            if params:
-                # the weight only rescales the input gradient, whose sign alone is used
-                (loss * param_grad_weight).backward(inputs=params + [x_adv])
-                grad = x_adv.grad
-            else:
-                (grad,) = torch.autograd.grad(loss * scale, x_adv)
-            step = -alpha * grad.sign() if c.targeted else alpha * grad.sign()
-            x_adv = x_adv.detach() + step
-            x_adv = torch.maximum(torch.minimum(x_adv, x + eps), x - eps)
-            x_adv = torch.maximum(torch.minimum(x_adv, hi), lo)
+            (grad,) = torch.autograd.grad(loss * scale, x_adv)
+            x_adv = _project(x_adv.detach() + (-alpha if c.targeted else alpha) * grad.sign(), x, eps, lo, hi)
     return x_adv.detach()
+
+
+def signed_step(
+        x: torch.Tensor, grad: torch.Tensor, eps: float, mean: Sequence[float], std: Sequence[float],
+) -> torch.Tensor:
+    """One untargeted FGSM step of ``eps`` pixels from ``x`` along ``sign(grad)``, clamped to valid pixels.
+
+    For callers that already hold the input gradient of a pass they needed anyway (Fast AdvProp's
+    clean pass), so the attack costs no extra forward/backward.
+    """
+    lo, hi, unit = pixel_bounds(mean, std, device=x.device, dtype=x.dtype)
+    x = x.detach()
+    return _project(x + eps * unit * grad.sign(), x, eps * unit, lo, hi).detach()
+
+
+def _project(x_adv, x, eps, lo, hi):
+    """Into the eps ball around ``x``, then into the valid pixel range."""
+    x_adv = torch.maximum(torch.minimum(x_adv, x + eps), x - eps)
+    return torch.maximum(torch.minimum(x_adv, hi), lo)
 
 
 def _random_wrong_label(y: torch.Tensor, num_classes: int, generator: Optional[torch.Generator]) -> torch.Tensor:

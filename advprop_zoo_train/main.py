@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--channels-last', action='store_true', help='NHWC memory format')
     g.add_argument('--compile', action='store_true', help='torch.compile the train step and the attack')
     g.add_argument('--compile-backend', default='inductor', help='torch.compile backend')
+    g.add_argument('--cpu-malloc', default='reuse', choices=('reuse', 'default'),
+                   help="on CPU, 'reuse' keeps freed activation memory in the process instead of page-faulting it "
+                        "in again every pass (glibc; advprop_zoo.malloc); 'default' leaves malloc as it is")
     g = p.add_argument_group('run')
     g.add_argument('--seed', type=int, default=0)
     g.add_argument('--seeds', type=int, default=1, help='embedded demo: repeat with seeds --seed ... --seed + N - 1 '
@@ -174,6 +177,7 @@ def train(args: argparse.Namespace) -> TrainResult:
     import advprop_zoo  # noqa: F401  registers the zoo
     from advprop_zoo.dual_bn import convert_sync_dual_bn, to_dual_bn
     from advprop_zoo.fold import fold_dual_bn
+    from advprop_zoo.malloc import keep_freed_memory
     from advprop_zoo.modes import ModeConfig, forward_loss
     from advprop_zoo.names import check_model_name
     from advprop_zoo.weights import save_weights
@@ -202,6 +206,8 @@ def train(args: argparse.Namespace) -> TrainResult:
     amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, None: None}[args.amp]
     dist_info = init_distributed(args.device, timeout_s=args.dist_timeout)
     device, primary = dist_info.device, dist_info.primary
+    if device.type == 'cpu' and args.cpu_malloc == 'reuse':
+        keep_freed_memory()  # an AdvProp step allocates its activations three times: most of it page faults
     _seed_everything(args.seed)
 
     model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes or len(classes),
@@ -266,8 +272,12 @@ def train(args: argparse.Namespace) -> TrainResult:
         # with synchronised BNs every rank holds the same statistics: no per-forward buffer broadcast
         sync_kw = 'forward_sync_buffers' if 'forward_sync_buffers' in inspect.signature(
             DistributedDataParallel.__init__).parameters else 'broadcast_buffers'  # torch < 2.14 spelling
+        # Fast AdvProp's clean pass back-propagates outside DDP (see forward_loss): the main BNs are then
+        # not in the graph DDP sees, and finding them unused is what makes DDP all-reduce the gradients
+        # that pass left in their param.grad
         train_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None, **{sync_kw: args.no_sync_bn})
+            model, device_ids=[device.index] if device.type == 'cuda' else None,
+            find_unused_parameters=args.mode == 'fast-advprop', **{sync_kw: args.no_sync_bn})
     compiled = (lambda m: torch.compile(m, backend=args.compile_backend)) if args.compile else (lambda m: m)
     step_model = compiled(train_model)
     # DDP must only see training passes: under DDP the attack runs the unwrapped module

@@ -3,9 +3,12 @@
     python benchmarks/train_step.py                 # B0, 224 px, batch 16, CPU
     python benchmarks/train_step.py --quick         # 128 px, fewer repetitions
     python benchmarks/train_step.py --device cuda --amp bf16 --channels-last
+    python benchmarks/train_step.py --malloc default   # glibc's malloc as it comes (see advprop_zoo.malloc)
 
 Every configuration runs on the same batch; repetitions are interleaved (one step of each config per
-round) so drift on a shared machine hits all of them alike; the median of the rounds is reported.
+round) so drift on a shared machine hits all of them alike; the median of the rounds is reported, by
+wall clock and by this process's CPU time (the targets use CPU time with one CPU thread, where it is
+the figure other processes on the machine disturb least).
 Targets (issue 5): advprop PGD-1 <= 2.7x vanilla (the naive cost is 3x), fast-advprop <= 1.3x.
 """
 import argparse
@@ -24,6 +27,7 @@ from timm.optim import create_optimizer_v2  # noqa: E402
 import advprop_zoo  # noqa: E402,F401
 from advprop_zoo.attacks import AttackConfig  # noqa: E402
 from advprop_zoo.dual_bn import to_dual_bn  # noqa: E402
+from advprop_zoo.malloc import keep_freed_memory  # noqa: E402
 from advprop_zoo.modes import ModeConfig, forward_loss  # noqa: E402
 from advprop_zoo.table import format_table  # noqa: E402
 
@@ -39,10 +43,15 @@ def main() -> None:
     p.add_argument('--channels-last', action='store_true')
     p.add_argument('--threads', type=int, default=None,
                    help='torch CPU threads (default: torch\'s; 1 avoids OpenMP oversubscription on a shared machine)')
+    p.add_argument('--malloc', choices=('reuse', 'default'), default='reuse',
+                   help="CPU: 'reuse' keeps freed memory in the process, as advprop-zoo train does on CPU "
+                        "(advprop_zoo.malloc; default), 'default' leaves glibc's malloc as it is")
     p.add_argument('--quick', action='store_true', help='128 px, 3 rounds')
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == 'cpu' and args.malloc == 'reuse':
+        keep_freed_memory()
     if args.quick:
         args.res, args.rounds = 128, 3
     device = torch.device(args.device)
@@ -58,8 +67,8 @@ def main() -> None:
 
     configs = {  # name -> (mode config, dual BN?)
         'vanilla (timm step, anchor)': (ModeConfig('vanilla'), False),
-        'advprop PGD-1, split BN pass': (ModeConfig('advprop', AttackConfig(eps=1)), True),
-        'advprop PGD-1, two passes': (ModeConfig('advprop', AttackConfig(eps=1), split_bn=False), True),
+        'advprop PGD-1 (two passes, the default)': (ModeConfig('advprop', AttackConfig(eps=1)), True),
+        'advprop PGD-1, split BN pass': (ModeConfig('advprop', AttackConfig(eps=1), split_bn=True), True),
         'advprop PGD-5': (ModeConfig('advprop', AttackConfig(eps=4)), True),
         'adv-train PGD-1': (ModeConfig('adv-train', AttackConfig(eps=1)), False),
         'fast-advprop (p_adv 0.2)': (ModeConfig('fast-advprop', AttackConfig(eps=1)), True),
@@ -74,36 +83,44 @@ def main() -> None:
         runs[name] = (model, opt, cfg)
 
     def step(model, opt, cfg):
-        t0 = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         losses = forward_loss(model, x, y, ce, cfg, mean, std, autocast_dtype=amp)
         losses.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device.type == 'cuda':
             torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        return time.perf_counter() - wall, time.process_time() - cpu
 
     for run in runs.values():  # warm-up
         step(*run)
-    times = {name: [] for name in runs}
+    times = {name: {'wall': [], 'cpu': []} for name in runs}
     for _ in range(args.rounds):
         for name, run in runs.items():
-            times[name].append(step(*run))
-    anchor = statistics.median(times['vanilla (timm step, anchor)'])
-    rows = []
-    for name, t in times.items():
-        med = statistics.median(t)
-        rows.append([name, f'{1000 * med:.0f}', f'{med / anchor:.2f}x'])
+            wall, cpu = step(*run)
+            times[name]['wall'].append(wall)
+            times[name]['cpu'].append(cpu)
+    med = {name: {clock: statistics.median(v) for clock, v in t.items()} for name, t in times.items()}
+    anchor = med['vanilla (timm step, anchor)']
+    rows = [[name, f'{1000 * m["wall"]:.0f}', f'{m["wall"] / anchor["wall"]:.2f}x', f'{1000 * m["cpu"]:.0f}',
+             f'{m["cpu"] / anchor["cpu"]:.2f}x'] for name, m in med.items()]
     print(f'{args.model} {args.res}px batch {args.batch} on {args.device}'
           f'{" " + args.amp if args.amp else ""}{" channels_last" if args.channels_last else ""}, '
-          f'median of {args.rounds} interleaved rounds, torch {torch.__version__}, {torch.get_num_threads()} threads')
-    print(format_table(['step', 'ms', 'vs vanilla'], rows, align='lrr'))
-    split = statistics.median(times['advprop PGD-1, split BN pass'])
-    two = statistics.median(times['advprop PGD-1, two passes'])
+          f'median of {args.rounds} interleaved rounds, torch {torch.__version__}, {torch.get_num_threads()} threads'
+          f'{", malloc " + args.malloc if args.device == "cpu" else ""}')
+    print(format_table(['step', 'wall ms', 'vs vanilla', 'CPU ms', 'vs vanilla (CPU)'], rows, align='lrrrr'))
+    # one thread on a CPU: this process's CPU time does not count the time other processes held the core
+    clock = 'cpu' if device.type == 'cpu' and torch.get_num_threads() == 1 else 'wall'
+    split = med['advprop PGD-1, split BN pass'][clock]
+    two = med['advprop PGD-1 (two passes, the default)'][clock]
     print(f'\nsplit-BN one pass vs two passes: {two / split:.2f}x faster' if two >= split else
           f'\nsplit-BN one pass vs two passes: {split / two:.2f}x slower')
-    print(f'targets: advprop PGD-1 <= 2.7x ({split / anchor:.2f}x), '
-          f'fast-advprop <= 1.3x ({statistics.median(times["fast-advprop (p_adv 0.2)"]) / anchor:.2f}x)')
+    if Path('/proc/self/status').exists():
+        peak = next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM'))
+        print(f'peak RSS of this process (all configurations): {peak / 2**20:.2f} GiB')
+    fast = med['fast-advprop (p_adv 0.2)'][clock] / anchor[clock]
+    print(f'targets ({clock} time): advprop PGD-1 <= 2.7x ({min(two, split) / anchor[clock]:.2f}x, the faster pass '
+          f'layout), fast-advprop <= 1.3x ({fast:.2f}x)')
 
 
 if __name__ == '__main__':

@@ -33,16 +33,21 @@ def _torchrun(nproc, args, timeout=300):
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-def test_two_ranks_equal_one_process_with_the_global_batch(folder, tmp_path):
+@pytest.mark.parametrize('mode', [[], ['--mode', 'fast-advprop', '--p-adv', '1']], ids=['advprop', 'fast-advprop'])
+def test_two_ranks_equal_one_process_with_the_global_batch(folder, tmp_path, mode):
     """One AdvProp step (PGD-2 through the auxiliary BNs, split-BN pass, sync BNs, DDP gradient averaging)
     on 2 ranks x 8 images against 1 process x 16. Stated tolerance: 1e-5 absolute, 1e-4 relative (the
     order of the gradient all-reduce and of the BN statistic sums). Over several steps the difference
-    grows (BN nets amplify rounding, and sign() in the attack can flip on near-zero input gradients)."""
-    one = subprocess.run([sys.executable, '-m', 'advprop_zoo_train', *RUN, '--data-dir', str(folder),
+    grows (BN nets amplify rounding, and sign() in the attack can flip on near-zero input gradients).
+
+    Fast AdvProp (every image attacked, so both runs attack the same images) back-propagates its clean
+    pass outside DDP: this checks DDP still averages those gradients, the main BNs' included."""
+    run = RUN + mode
+    one = subprocess.run([sys.executable, '-m', 'advprop_zoo_train', *run, '--data-dir', str(folder),
                           '--batch-size', '16', '--output', str(tmp_path / 'one')],
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = _torchrun(2, ['-m', 'advprop_zoo_train', *RUN, '--data-dir', str(folder), '--batch-size', '8',
+    two = _torchrun(2, ['-m', 'advprop_zoo_train', *run, '--data-dir', str(folder), '--batch-size', '8',
                         '--output', str(tmp_path / 'two')])
     assert two.returncode == 0, two.stderr[-3000:]
     ca, cb = (latest_checkpoint(tmp_path / run / 'checkpoints') for run in ('one', 'two'))

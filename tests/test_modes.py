@@ -73,31 +73,33 @@ def test_losses_compose_as_specified():
     assert s.adv is None and s.n_adv == 0 and torch.allclose(s.loss, s.clean)
 
 
-def test_fast_advprop_attacks_the_fraction_and_reuses_attack_pass_gradients():
-    n, p_adv = 10, 0.2
+def test_fast_advprop_attacks_the_fraction_and_reuses_the_clean_pass_gradients():
+    n, p_adv, eps = 10, 0.2, 2
     x, y = _batch(n)
-    model = _dual()
+    model = _dual(momentum=1.0)
     ref = copy.deepcopy(model)
     sizes = []
     model.conv_stem.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[0]))
-    cfg = ModeConfig('fast-advprop', AttackConfig(eps=2), p_adv=p_adv)
+    cfg = ModeConfig('fast-advprop', AttackConfig(eps=eps), p_adv=p_adv)
     s = forward_loss(model, x, y, CE, cfg, *NORM)
     s.loss.backward()
     k = round(p_adv * n)
     assert s.n_adv == k == 2
-    assert sizes == [k, n - k, k]  # attack pass, the rest of the clean batch, adversarial pass: 1 + p_adv passes
+    assert sizes == [n, k]  # the clean batch once, the attacked fraction once more: 1 + p_adv passes
+    assert torch.allclose(s.loss, s.clean + s.adv)
+    with torch.no_grad():  # main BN statistics saw exactly the clean batch, as in vanilla training
+        assert torch.allclose(model.bn1.running_mean, model.conv_stem(x).mean((0, 2, 3)), atol=1e-5)
 
-    # independent recomputation: mean clean loss over all n images (the attacked k through the attack
-    # pass with batch stats and frozen running stats) + the adversarial loss through the auxiliary BNs
-    one_step = AttackConfig(eps=2, steps=1, step_size=2, targeted=False, random_start=False)
-    x_adv = attack(copy.deepcopy(ref), x[:k], y[:k], one_step, *NORM, bn_route='main', mode='train')
-    from advprop_zoo.attacks import bn_mode
-    with bn_mode(ref, 'train'):
-        attacked = CE(ref(x[:k]), y[:k]) * k / n
-    rest = CE(ref(x[k:]), y[k:]) * (n - k) / n
+    # independent recomputation: FGSM (untargeted, eps pixels, from the clean image) on the clean
+    # batch loss's input gradient, then clean loss over all n + adversarial loss through the aux BNs
+    x_req = x.clone().requires_grad_(True)
+    clean = CE(ref(x_req), y)
+    (g,) = torch.autograd.grad(clean, x_req, retain_graph=True)
+    x_adv = (x[:k] + eps * 2 / 255 * g[:k].sign()).clamp(-1, 1)
     with bn_route(ref, 'aux'):
         adv = CE(ref(x_adv), y[:k])
-    (attacked + rest + adv).backward()
+    (clean + adv).backward()
+    assert torch.allclose(s.adv, adv) and torch.allclose(s.clean, clean)
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-6), name
 
