@@ -7,15 +7,18 @@ the key and both shapes, and so that a crash mid-write never leaves a file that 
 import json
 import os
 import struct
+import sys
 import tempfile
-from contextlib import contextmanager
+import threading
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Tuple, Union
 
+import numpy as np
 import torch
 
 __all__ = [
-    'WeightsError', 'read_safetensors_header', 'check_weights_file', 'load_weights', 'save_weights',
+    'WeightsError', 'read_safetensors_header', 'check_weights_file', 'load_weights', 'save_weights', 'SafetensorsWriter',
     'atomic_write', 'sha256_file', 'check_state_dict', 'check_pretrained_source', 'cached_weights_path',
 ]
 
@@ -161,6 +164,113 @@ def save_weights(
     with atomic_write(path) as f:
         save_file(tensors, f.name, metadata=dict(metadata) if metadata else None)
     return Path(path)
+
+
+class SafetensorsWriter:
+    """Write a safetensors file array by array, while the arrays are still being produced.
+
+    For converters that read large weights piece by piece: each array goes to the file as soon as it
+    exists, so the whole state dict is never held in memory, and the disk starts writing while later
+    arrays are still being read (a helper thread asks the kernel to flush every ``flush_every`` bytes)
+    instead of in one long fsync at the end. The layout (keys, numpy dtypes, shapes) is fixed up front
+    because the header comes first; ``metadata`` may be set until the end (e.g. a source hash computed
+    meanwhile) and must fit ``metadata_reserve`` bytes, which the header holds as trailing spaces, as
+    the format allows.
+
+    A context manager around ``write`` calls in layout order. On a clean exit the header is completed
+    and the file fsynced and renamed over ``path`` (``atomic_write``); on an error, or if an array is
+    missing, the temp file is removed and ``path`` is untouched. Once every array is written,
+    ``temp_path`` is a complete safetensors file (metadata aside), for checks that must pass before it
+    becomes ``path``.
+    """
+    _DTYPES = {'float32': 'F32', 'float16': 'F16', 'float64': 'F64', 'int64': 'I64', 'int32': 'I32'}
+
+    def __init__(self, path: PathLike, layout: Iterable[Tuple[str, str, Tuple[int, ...]]],
+                 metadata_reserve: int = 4096, flush_every: int = 64 << 20):
+        self.path = Path(path)
+        self.metadata: Dict[str, str] = {}
+        self._layout, self._entries, offset = [], {}, 0
+        for key, dtype, shape in layout:
+            if dtype not in self._DTYPES:
+                raise ValueError(f'{key}: dtype {dtype} is not one of {", ".join(self._DTYPES)}')
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            self._entries[key] = {'dtype': self._DTYPES[dtype], 'shape': list(shape),
+                                  'data_offsets': [offset, offset + nbytes]}
+            self._layout.append((key, dtype, tuple(shape)))
+            offset += nbytes
+        base = len(json.dumps(self._entries, separators=(',', ':'))) + len('"__metadata__":{},')
+        self._header_len = -(-(base + metadata_reserve) // 8) * 8  # keeps the data 8-byte aligned
+        self._flush_every = flush_every
+
+    def __enter__(self) -> 'SafetensorsWriter':
+        self._stack = ExitStack()
+        self._file = self._stack.enter_context(atomic_write(self.path))
+        self._temp = Path(self._file.name)
+        self._file.write(struct.pack('<Q', self._header_len) + self._header())  # valid once the data is in
+        self._next = self._unflushed = 0
+        self._flush_wanted, self._closing = threading.Event(), False
+        self._flusher = threading.Thread(target=self._flush_loop, daemon=True)
+        self._flusher.start()
+        return self
+
+    def _flush_loop(self) -> None:
+        while self._flush_wanted.wait() and not self._closing:
+            self._flush_wanted.clear()
+            os.fdatasync(self._file.fileno())  # releases the GIL: the disk writes while arrays are read
+
+    def write(self, key: str, array: np.ndarray) -> None:
+        """The next array of the layout, of its dtype and shape."""
+        if self._next == len(self._layout):
+            raise WeightsError(f'{self.path}: {key!r} written after the last array of the layout')
+        want = self._layout[self._next]
+        if (key, array.dtype.name, tuple(array.shape)) != want:
+            raise WeightsError(f'{self.path}: expected {want[0]!r} {want[1]} {want[2]} next, '
+                               f'got {key!r} {array.dtype.name} {tuple(array.shape)}')
+        array = np.ascontiguousarray(array)
+        self._file.write(memoryview(array.reshape(-1)).cast('B'))
+        self._next += 1
+        self._unflushed += array.nbytes
+        if self._unflushed >= self._flush_every:
+            self._file.flush()
+            self._unflushed = 0
+            self._flush_wanted.set()
+
+    @property
+    def temp_path(self) -> Path:
+        """The temp file, complete and flushed, before it is renamed into place (for checks on it)."""
+        self._check_complete()
+        self._file.flush()
+        return self._temp
+
+    def _check_complete(self) -> None:
+        if self._next != len(self._layout):
+            raise WeightsError(f'{self.path}: only {self._next} of {len(self._layout)} arrays were written')
+
+    def _header(self) -> bytes:
+        header = dict(self._entries)
+        if self.metadata:
+            header['__metadata__'] = {str(k): str(v) for k, v in self.metadata.items()}
+        text = json.dumps(header, separators=(',', ':')).encode()
+        if len(text) > self._header_len:
+            raise WeightsError(f'{self.path}: metadata {len(text) - self._header_len} bytes over its reserve')
+        return text + b' ' * (self._header_len - len(text))
+
+    def _finish(self) -> None:
+        self._check_complete()
+        self._file.seek(8)
+        self._file.write(self._header())
+
+    def __exit__(self, *exc) -> bool:
+        self._closing = True
+        self._flush_wanted.set()
+        self._flusher.join()
+        if exc[0] is None:
+            try:
+                self._finish()
+            except BaseException:
+                self._stack.__exit__(*sys.exc_info())  # removes the temp file
+                raise
+        return self._stack.__exit__(*exc)  # clean: fsync + rename; error: temp file removed
 
 
 def _shares_storage(t: torch.Tensor) -> bool:

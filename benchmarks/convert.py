@@ -7,7 +7,8 @@ slots unless --slots), each measurement runs in a fresh subprocess:
 
 - floor: TF's reader opens the checkpoint and reads every tensor, nothing else;
 - convert: ``convert()`` from the same prefix to a safetensors file (EMA choice, completeness checks,
-  layout transposes, source sha256, atomic write; no --verify).
+  layout transposes, source sha256, the output streamed to disk as tensors are read, fsynced and
+  renamed into place; no --verify).
 
 Imports happen before the clock starts in both. Peak RSS is the child's VmHWM; "extra" is the peak
 minus the RSS right after the imports, i.e. what the work itself needed, set against the bytes of

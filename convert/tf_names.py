@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
-import torch
 from torch import nn
 from timm.models._efficientnet_blocks import SqueezeExcite
 
-__all__ = ['CONV', 'DEPTHWISE', 'DENSE', 'VECTOR', 'TFTensor', 'tf_name_map', 'tf_to_torch', 'BN_VARIABLES']
+__all__ = ['CONV', 'DEPTHWISE', 'DENSE', 'VECTOR', 'TFTensor', 'tf_name_map', 'tf_to_timm_layout', 'BN_VARIABLES']
 
 CONV = 'conv'  # TF HWIO -> torch OIHW
 DEPTHWISE = 'depthwise'  # TF [k, k, C, 1] -> torch [C, 1, k, k]
@@ -51,14 +50,12 @@ class TFTensor:
         return self.tf_name.rsplit('/', 1)[0]
 
 
-def tf_to_torch(array: np.ndarray, layout: str) -> torch.Tensor:
-    """A TF checkpoint array as a contiguous torch tensor in timm's layout."""
+def tf_to_timm_layout(array: np.ndarray, layout: str) -> np.ndarray:
+    """A TF checkpoint array as a C-contiguous array in timm's layout (a copy only where it transposes)."""
     perm = _TF_TO_TORCH[layout]
     if array.ndim != len(perm):
         raise ValueError(f'a {layout} tensor needs {len(perm)} dims, got shape {array.shape}')
-    if layout != VECTOR:
-        array = np.ascontiguousarray(array.transpose(perm))  # numpy's copy beats torch's here
-    return torch.from_numpy(array if array.flags.writeable else array.copy())
+    return np.ascontiguousarray(array.transpose(perm) if layout != VECTOR else array)
 
 
 def _scopes(model: nn.Module) -> Iterator[Tuple[str, str, nn.Module]]:

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
 
 if __package__ in (None, ''):  # run as a script: make the repo root importable for `convert.*`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,10 +28,10 @@ import torch  # noqa: E402
 
 from advprop_zoo.efficientnet_advprop import VARIANTS  # noqa: E402
 from advprop_zoo.names import check_model_name  # noqa: E402
-from advprop_zoo.weights import WeightsError, atomic_write, check_state_dict, save_weights  # noqa: E402
+from advprop_zoo.weights import SafetensorsWriter, WeightsError, atomic_write, check_state_dict  # noqa: E402
 from convert import __version__  # noqa: E402
 from convert.tf_checkpoint import EMA_SUFFIX, Checkpoint, is_bookkeeping, open_checkpoint  # noqa: E402
-from convert.tf_names import BN_VARIABLES, VECTOR, TFTensor, tf_name_map, tf_to_torch  # noqa: E402
+from convert.tf_names import BN_VARIABLES, VECTOR, TFTensor, tf_name_map, tf_to_timm_layout  # noqa: E402
 
 if TYPE_CHECKING:
     from convert.keras_reference import Verification
@@ -87,11 +87,25 @@ def _level(model_name: str) -> Optional[int]:
     return int(m.group(1) or m.group(2)) if m else None
 
 
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """Weight initialisation as a no-op on meta tensors: there are no values to initialise, yet torch
+    still runs each init op through its reference decompositions (two thirds of building a B0)."""
+    _METHODS = {'normal_', 'uniform_', 'zero_', 'fill_'}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        is_init = getattr(func, '__module__', None) == 'torch.nn.init' or getattr(func, '__name__', None) in self._METHODS
+        tensor = args[0] if args else kwargs.get('tensor')
+        if is_init and isinstance(tensor, torch.Tensor) and tensor.is_meta:
+            return tensor
+        return func(*args, **kwargs)
+
+
 @lru_cache(maxsize=None)
 def _meta_model(model_name: str) -> torch.nn.Module:
     """The model's structure only: names and shapes without allocating weights (built once per name)."""
     import timm
-    with torch.device('meta'):
+    with torch.device('meta'), _SkipInit():
         return timm.create_model(model_name.split('.', 1)[0])
 
 
@@ -230,25 +244,44 @@ def _read(ckpt: Checkpoint, name: str) -> np.ndarray:
     array = ckpt.read(name)
     if not np.issubdtype(array.dtype, np.floating):
         raise WeightsError(f'{ckpt.source}: {name} is {array.dtype}, not a float weight')
-    if not np.isfinite(array).all():
+    if not np.isfinite(array.sum()):  # one pass, no mask; an overflowing sum is checked exactly below
         bad = int(array.size - np.isfinite(array).sum())
-        raise WeightsError(f'{ckpt.source}: {name} holds {bad} NaN/Inf values')
+        if bad:
+            raise WeightsError(f'{ckpt.source}: {name} holds {bad} NaN/Inf values')
     return array if array.dtype == np.float32 else array.astype(np.float32)
 
 
-def _state_dict(ckpt: Checkpoint, chosen: Dict[str, str], expected: Sequence[TFTensor],
-                aux: Dict[str, str], model_keys: Sequence[str]) -> Dict[str, torch.Tensor]:
-    out: Dict[str, torch.Tensor] = {}
-    for e in expected:
-        out[e.timm_key] = tf_to_torch(_read(ckpt, chosen[e.tf_name]), e.layout)
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor of the output: its timm key, shape and dtype, and where it comes from."""
+    key: str
+    shape: Tuple[int, ...]
+    dtype: str = 'float32'
+    tf_name: Optional[str] = None  # None: a BN step counter, which TF does not keep (timm's initial 0)
+    layout: str = VECTOR
+
+
+def _plan(chosen: Dict[str, str], shapes: Dict[str, Tuple[int, ...]], expected: Sequence[TFTensor],
+          aux: Dict[str, str], model_keys: Sequence[str]) -> List[_Entry]:
+    """Every output tensor in file order: the BN step counters first (8-byte values at 8-aligned
+    offsets), then the weights in the model's order, then the auxiliary BNs."""
+    plan = [_Entry(k, (), 'int64') for k in model_keys if k.endswith('.num_batches_tracked')]
+    plan += [_Entry(aux_bn_key(bn, 'num_batches_tracked'), (), 'int64') for _, bn in sorted(aux.items())]
+    plan += [_Entry(e.timm_key, e.shape, tf_name=chosen[e.tf_name], layout=e.layout) for e in expected]
     for layer, bn in sorted(aux.items()):
         for tensor, var in BN_VARIABLES.items():
-            out[aux_bn_key(bn, tensor)] = tf_to_torch(_read(ckpt, chosen[f'{layer}/{var}']), VECTOR)
-        out[aux_bn_key(bn, 'num_batches_tracked')] = torch.tensor(0, dtype=torch.long)
-    for key in model_keys:  # TF keeps no BN step count: timm's own initial value
-        if key.endswith('.num_batches_tracked'):
-            out[key] = torch.tensor(0, dtype=torch.long)
-    return out
+            name = chosen[f'{layer}/{var}']
+            plan.append(_Entry(aux_bn_key(bn, tensor), tuple(shapes[name]), tf_name=name))
+    return plan
+
+
+def _arrays(ckpt: Checkpoint, plan: Sequence[_Entry]) -> Iterator[Tuple[str, np.ndarray]]:
+    """The plan's arrays, read and put in timm's layout one at a time."""
+    for e in plan:
+        if e.tf_name is None:
+            yield e.key, np.zeros((), dtype=np.int64)
+        else:
+            yield e.key, tf_to_timm_layout(_read(ckpt, e.tf_name), e.layout)
 
 
 def _check_output(path: Path, force: bool) -> None:
@@ -325,35 +358,53 @@ def convert(
         leftover = [n for n in unexpected if n.rsplit('/', 1)[0] not in aux]
         _check_complete(ckpt, scope, model, found, expected, leftover)
         meta = _meta_model(model)
-        state_dict = _state_dict(ckpt, chosen, expected, aux, list(meta.state_dict()))
-        aux_keys = [k for k in state_dict if '.aux_bn.' in k]
-        check_state_dict(state_dict, meta, ignore=aux_keys)  # timm's own keys and shapes, every one
+        plan = _plan(chosen, ckpt.shapes, expected, aux, list(meta.state_dict()))
+        # timm's own keys and shapes, every one, before anything is read
+        check_state_dict({e.key: torch.empty(e.shape, device='meta') for e in plan}, meta,
+                         ignore=[e.key for e in plan if '.aux_bn.' in e.key])
         result = ConversionResult(Path(checkpoint), model, scope, ema, weights=len(chosen), aux_bns=len(aux),
                                   ignored=len(ckpt.shapes) - len(chosen))
-        if verify:
-            from convert.keras_reference import verify_against_keras
-            result.verify = verify_against_keras(lambda n: ckpt.read(chosen[n]), need, model, _level(model),
-                                                 state_dict)
-        result.metadata = {
+        metadata = {
             'format': 'pt',
             'source': Path(checkpoint).name,
-            'source_sha256': json.dumps(ckpt.source_sha256(), sort_keys=True),
             'variant': model,
             'tf_scope': scope,
             'ema': str(ema).lower(),
             'aux_bns': str(len(aux)),
             'converter': f'advprop-zoo convert/tf_to_timm.py {__version__}',
         }
-    if out is not None:
-        save_weights(state_dict, out, metadata=result.metadata)
-        result.output = out
-        if config_path is not None:
-            try:
-                _write_config(model, config_path)
-            except BaseException:
-                out.unlink(missing_ok=True)  # the pair is the product: no weights without their config
-                raise
-            result.config = config_path
+
+        def check(state_dict: Dict[str, torch.Tensor]) -> None:
+            if verify:
+                from convert.keras_reference import verify_against_keras
+                result.verify = verify_against_keras(lambda n: ckpt.read(chosen[n]), need, model, _level(model),
+                                                     state_dict)
+
+        if out is None:  # convert and check, write nothing
+            check({k: torch.from_numpy(a) for k, a in _arrays(ckpt, plan)})
+        else:
+            # the arrays stream into the output's temp file as they are read; it replaces `out` only once
+            # every one was written and --verify (on the file as written) passed. The source hash runs
+            # beside all this and is written into the header last (16 KiB reserved: ~150 file digests)
+            with SafetensorsWriter(out, [(e.key, e.dtype, e.shape) for e in plan],
+                                   metadata_reserve=len(json.dumps(metadata)) + (16 << 10)) as writer:
+                for key, array in _arrays(ckpt, plan):
+                    writer.write(key, array)
+                if verify:
+                    from safetensors.torch import load_file
+                    check(load_file(str(writer.temp_path)))
+                metadata['source_sha256'] = json.dumps(ckpt.source_sha256(), sort_keys=True)
+                writer.metadata = metadata
+            result.output = out
+        metadata.setdefault('source_sha256', json.dumps(ckpt.source_sha256(), sort_keys=True))
+        result.metadata = metadata
+    if out is not None and config_path is not None:
+        try:
+            _write_config(model, config_path)
+        except BaseException:
+            out.unlink(missing_ok=True)  # the pair is the product: no weights without their config
+            raise
+        result.config = config_path
     result.seconds = time.perf_counter() - start
     return result
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))  # `convert` is a folder of scripts beside the pac
 from advprop_zoo import VARIANTS  # noqa: E402
 from convert.tf_checkpoint import safe_extract  # noqa: E402
 from convert.tf_fixture import release_shapes, release_tensors, write_checkpoint, write_release_tarball  # noqa: E402
-from convert.tf_names import tf_name_map, tf_to_torch  # noqa: E402
+from convert.tf_names import tf_name_map, tf_to_timm_layout  # noqa: E402
 from convert.tf_to_timm import _aux_bns, _expected, convert, main  # noqa: E402
 
 EMA = '/ExponentialMovingAverage'
@@ -85,7 +85,7 @@ def tf_value(tensors, model_name, key, ema=True):
     level = int(model_name.split('_b')[1][0])
     entry = next(e for e in _expected(model_name) if e.timm_key == key)
     name = f'efficientnet-b{level}/{entry.tf_name}' + (EMA if ema else '')
-    return tf_to_torch(tensors[name].copy(), entry.layout)
+    return torch.from_numpy(tf_to_timm_layout(tensors[name], entry.layout))
 
 
 # ---------------------------------------------------------------------------------------------------
