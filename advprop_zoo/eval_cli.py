@@ -48,6 +48,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    '(fusion computes the same function up to float rounding, faster)')
     r.add_argument('--device', default=None, help='cpu, cuda, cuda:1 ... (default: cuda if available)')
     r.add_argument('--workers', type=int, default=4, help='data loader worker processes (default 4)')
+    r.add_argument('--cpu-malloc', default='reuse', choices=('reuse', 'default'),
+                   help="on CPU, 'reuse' (default) keeps freed activation memory in the process instead of "
+                        "page-faulting it in again every batch (glibc; advprop_zoo.malloc)")
     r.add_argument('--img-size', type=int, default=None, help='evaluate at this size instead of the model\'s own')
     r.add_argument('--seed', type=int, default=0, help='seed of attack random starts and targets (default 0)')
     r.add_argument('--no-progress', action='store_true', help='no progress bar')
@@ -101,6 +104,11 @@ def eval_command(args: argparse.Namespace) -> int:
         device=args.device, workers=args.workers, fuse=not args.no_fuse, img_size=args.img_size,
         corruptions=[c.strip() for c in args.corruptions.split(',') if c.strip()] if args.corruptions else None,
         clean_dir=args.clean_dir, seed=args.seed, progress=not args.no_progress)
+    import torch
+    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if args.cpu_malloc == 'reuse' and device == 'cpu':
+        from .malloc import keep_freed_memory
+        keep_freed_memory()  # fresh activations every batch: most of a CPU forward would be page faults
     report = run_eval(cfg)
     print(format_results(report))
     if args.output:

@@ -1,7 +1,7 @@
 """PGD-10 on EfficientNet-B0: this project's attack against torchattacks' PGD, same settings, one run.
 
     pip install --no-deps torchattacks   # its requests~=2.25 pin clashes with current huggingface-hub
-    python benchmarks/attack.py [--quick] [--device cuda]
+    python benchmarks/attack.py [--quick] [--threads 1] [--device cuda]
 
 Both attack the same eval-mode model on the same batch: L-inf eps 4/255, step 1/255, 10 steps, random
 start, untargeted (torchattacks' defaults), torchattacks on [0, 1] images with its own normalisation,
@@ -24,6 +24,7 @@ import timm  # noqa: E402
 import advprop_zoo  # noqa: E402,F401
 from advprop_zoo.attacks import AttackConfig, attack  # noqa: E402
 from advprop_zoo.fuse import fuse_bn  # noqa: E402
+from advprop_zoo.malloc import keep_freed_memory  # noqa: E402
 from advprop_zoo.table import format_table  # noqa: E402
 
 
@@ -34,8 +35,17 @@ def main() -> None:
     p.add_argument('--batch', type=int, default=16)
     p.add_argument('--rounds', type=int, default=3)
     p.add_argument('--device', default='cpu')
+    p.add_argument('--threads', type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 avoids OpenMP oversubscription on a shared machine)")
+    p.add_argument('--malloc', choices=('reuse', 'default'), default='reuse',
+                   help="CPU: 'reuse' keeps freed memory in the process (advprop_zoo.keep_freed_memory, as "
+                        "advprop-zoo eval and train do on CPU; default), 'default' leaves glibc's malloc as it is")
     p.add_argument('--quick', action='store_true', help='128 px, 2 rounds')
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == 'cpu' and args.malloc == 'reuse':
+        keep_freed_memory()  # for both attacks alike: they share this process
     if args.quick:
         args.res, args.rounds = 128, 2
     try:
@@ -61,12 +71,15 @@ def main() -> None:
             fused, ((pixels - m) / s).contiguous(memory_format=torch.channels_last), y, cfg, mean, std, mode='eval'),
     }
 
+    # one CPU thread: this process's CPU time, which other processes on the machine disturb least
+    clock = time.process_time if device.type == 'cpu' and torch.get_num_threads() == 1 else time.perf_counter
+
     def timed(fn):
-        t0 = time.perf_counter()
+        t0 = clock()
         out = fn()
         if device.type == 'cuda':
             torch.cuda.synchronize()
-        return time.perf_counter() - t0, out
+        return clock() - t0, out
 
     for fn in runs.values():
         timed(fn)
@@ -84,8 +97,10 @@ def main() -> None:
                mean, std, mode='eval')
     agree = (a - b).abs().le(1e-4).float().mean().item()
     print(f'{args.model} {args.res}px batch {args.batch} on {args.device}, median of {args.rounds} interleaved rounds, '
-          f'torch {torch.__version__}, torchattacks {torchattacks.__version__}')
-    print(format_table(['attack', 'seconds', 'speed vs torchattacks'], rows, align='lrr'))
+          f'torch {torch.__version__}, torchattacks {torchattacks.__version__}, {torch.get_num_threads()} threads'
+          f'{", malloc " + args.malloc if device.type == "cpu" else ""}')
+    seconds = 'CPU seconds' if clock is time.process_time else 'seconds'
+    print(format_table(['attack', seconds, 'speed vs torchattacks'], rows, align='lrr'))
     print(f'\nfused vs unfused adversarial examples (2 deterministic steps): {100 * agree:.2f}% of values identical')
 
 

@@ -11,15 +11,16 @@ Every path runs the same weights on the same batch and is printed as a ratio to 
 * + pad in kernel: the asymmetric pad as leading zero taps of the kernel, so no pad copy runs at all;
 * + channels_last: NHWC memory, which oneDNN's depthwise and 1x1 convs are much faster on;
 * + torch.compile: inductor with ``freezing`` (weights as constants: oneDNN weight prepacking,
-  conv + activation / add fusion);
+  conv + activation / add fusion) and ``conv_1x1_as_mm`` (pointwise convs as GEMMs);
 * ONNX Runtime on the model ``advprop-zoo export`` writes (folded, fused, static padding).
 
 Allocator: PyTorch on CPU gets each activation from malloc; glibc serves big blocks with fresh
 ``mmap``s and returns them on free, so every forward page-faults its activations in again (at batch
 32 that is most of the anchor's time; ONNX Runtime keeps an arena and never pays it). ``--malloc
 both`` (default) runs everything twice, in two processes: glibc's defaults, and glibc told to keep
-freed memory for reuse (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...``: no code change, an
-environment setting any deployment can make). All ratios are to the default-allocator anchor.
+freed memory for reuse (``advprop_zoo.keep_freed_memory()``, one ``mallopt`` call; the environment
+setting ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` does the same with no code change). All
+ratios are to the default-allocator anchor.
 
 Timing: warmup, then repetitions round-robin over all paths (so load drift on a shared machine hits
 all of them alike); the median of wall-clock time and of this process's CPU time per call. With one
@@ -41,7 +42,6 @@ from typing import Callable, Dict, List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-REUSE_ENV = {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': str(1 << 40)}
 ANCHOR = 'timm tf_efficientnet_b0, eager NCHW (anchor)'
 
 
@@ -53,7 +53,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument('--threads', type=int, default=1, help='intra-op threads for PyTorch and ONNX Runtime (default 1)')
     p.add_argument('--reps', type=int, default=7)
     p.add_argument('--warmup', type=int, default=2)
-    p.add_argument('--pairs', type=int, default=7, help='paired calls for the dual-BN overhead (10x that at batch 1)')
+    p.add_argument('--pairs', type=int, default=15, help='paired calls for the dual-BN overhead (10x that at batch 1)')
     p.add_argument('--malloc', choices=['default', 'reuse', 'both'], default='both')
     p.add_argument('--no-compile', action='store_true', help='skip torch.compile (it takes 1-3 min on 2 cores)')
     p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
@@ -102,6 +102,7 @@ def build_paths(args, anchor, x) -> List[Tuple[str, Callable, object]]:
         log('compiling (inductor, freezing) ...')
         import torch._inductor.config
         torch._inductor.config.freezing = True  # this worker process only; options={'freezing': True} is not honoured
+        torch._inductor.config.conv_1x1_as_mm = True  # pointwise convs as GEMMs: measured a few % faster here
         compiled = torch.compile(copy.deepcopy(cl))
         start = time.perf_counter()
         with torch.inference_mode():
@@ -137,6 +138,9 @@ def worker(args: argparse.Namespace) -> Dict:
     from advprop_zoo import to_dual_bn
 
     torch.set_num_threads(args.threads)
+    if args.malloc == 'reuse':
+        from advprop_zoo.malloc import keep_freed_memory
+        assert keep_freed_memory(), 'keep_freed_memory needs glibc'
     anchor = calibrated_b0(args.img_size)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(1))
     paths = build_paths(args, anchor, x)
@@ -182,9 +186,7 @@ def dual_overhead(plain, dual, x, pairs: int) -> Dict[str, float]:
 
 
 def run_config(argv: List[str], malloc: str) -> Dict:
-    env = {k: v for k, v in os.environ.items() if k not in REUSE_ENV}
-    if malloc == 'reuse':
-        env.update(REUSE_ENV)
+    env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')}  # the worker sets its own
     log(f'--- allocator: {malloc} ---')
     cmd = [sys.executable, __file__, *argv, '--worker', '--malloc', malloc]
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
