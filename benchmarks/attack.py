@@ -6,7 +6,8 @@
 Both attack the same eval-mode model on the same batch: L-inf eps 4/255, step 1/255, 10 steps, random
 start, untargeted (torchattacks' defaults), torchattacks on [0, 1] images with its own normalisation,
 ours in the model's [-1, 1] space. Rows: torchattacks (anchor); ours on the same model; ours on the
-robust-eval path (BNs fused into the convs, channels_last), which computes the same function.
+robust-eval path of ``advprop-zoo eval`` (``prepare_eval_model``: BNs fused into the convs, TF's 'same'
+padding as kernel taps, channels_last), which computes the same function.
 Target (issue 5): >= 1.3x torchattacks. Repetitions interleave; medians are reported.
 """
 import argparse
@@ -23,7 +24,7 @@ import timm  # noqa: E402
 
 import advprop_zoo  # noqa: E402,F401
 from advprop_zoo.attacks import AttackConfig, attack  # noqa: E402
-from advprop_zoo.fuse import fuse_bn  # noqa: E402
+from advprop_zoo.eval_suite import prepare_eval_model  # noqa: E402
 from advprop_zoo.malloc import keep_freed_memory  # noqa: E402
 from advprop_zoo.table import format_table  # noqa: E402
 
@@ -59,7 +60,8 @@ def main() -> None:
     m, s = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (mean, std))
     pixels = torch.rand(args.batch, 3, args.res, args.res, device=device)
     y = torch.randint(0, 1000, (args.batch,), device=device)
-    fused = fuse_bn(copy.deepcopy(model), input_size=(3, args.res, args.res)).to(memory_format=torch.channels_last)
+    # exactly what advprop-zoo eval attacks: BNs fused, 'same' padding in the kernel, channels_last
+    fused = prepare_eval_model(copy.deepcopy(model), (3, args.res, args.res), device, channels_last=True)
     cfg = AttackConfig(eps=4, steps=10, step_size=1, targeted=False)
 
     ta = torchattacks.PGD(model, eps=4 / 255, alpha=1 / 255, steps=10, random_start=True)
