@@ -10,7 +10,7 @@ shift in expand_ratio-1 blocks (no expansion conv, so the projection is ``conv2d
 """
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 from torch import nn
@@ -50,12 +50,22 @@ class TFTensor:
         return self.tf_name.rsplit('/', 1)[0]
 
 
-def tf_to_timm_layout(array: np.ndarray, layout: str) -> np.ndarray:
-    """A TF checkpoint array as a C-contiguous array in timm's layout (a copy only where it transposes)."""
+def tf_to_timm_layout(array: np.ndarray, layout: str, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """A TF checkpoint array as a C-contiguous array in timm's layout (a copy only where it transposes).
+
+    ``out``: a flat float buffer of at least ``array.size`` to transpose into, for a caller that uses
+    each result before asking for the next (a reused buffer is not page-faulted in for every tensor)."""
     perm = _TF_TO_TORCH[layout]
     if array.ndim != len(perm):
         raise ValueError(f'a {layout} tensor needs {len(perm)} dims, got shape {array.shape}')
-    return np.ascontiguousarray(array.transpose(perm) if layout != VECTOR else array)
+    if layout == VECTOR:
+        return np.ascontiguousarray(array)
+    moved = array.transpose(perm)
+    if out is None or out.dtype != array.dtype or out.size < array.size:
+        return np.ascontiguousarray(moved)
+    view = out[:array.size].reshape(moved.shape)
+    np.copyto(view, moved)
+    return view
 
 
 def _scopes(model: nn.Module) -> Iterator[Tuple[str, str, nn.Module]]:

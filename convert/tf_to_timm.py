@@ -275,13 +275,15 @@ def _plan(chosen: Dict[str, str], shapes: Dict[str, Tuple[int, ...]], expected: 
     return plan
 
 
-def _arrays(ckpt: Checkpoint, plan: Sequence[_Entry]) -> Iterator[Tuple[str, np.ndarray]]:
-    """The plan's arrays, read and put in timm's layout one at a time."""
+def _arrays(ckpt: Checkpoint, plan: Sequence[_Entry], reuse: bool = False) -> Iterator[Tuple[str, np.ndarray]]:
+    """The plan's arrays, read and put in timm's layout one at a time. ``reuse``: transposed arrays
+    share one buffer, valid until the next one is asked for (what a streaming writer needs)."""
+    scratch = np.empty(max((int(np.prod(e.shape)) for e in plan), default=0), np.float32) if reuse else None
     for e in plan:
         if e.tf_name is None:
             yield e.key, np.zeros((), dtype=np.int64)
         else:
-            yield e.key, tf_to_timm_layout(_read(ckpt, e.tf_name), e.layout)
+            yield e.key, tf_to_timm_layout(_read(ckpt, e.tf_name), e.layout, out=scratch)
 
 
 def _check_output(path: Path, force: bool) -> None:
@@ -388,7 +390,7 @@ def convert(
             # beside all this and is written into the header last (16 KiB reserved: ~150 file digests)
             with SafetensorsWriter(out, [(e.key, e.dtype, e.shape) for e in plan],
                                    metadata_reserve=len(json.dumps(metadata)) + (16 << 10)) as writer:
-                for key, array in _arrays(ckpt, plan):
+                for key, array in _arrays(ckpt, plan, reuse=True):
                     writer.write(key, array)
                 if verify:
                     from safetensors.torch import load_file
