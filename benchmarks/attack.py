@@ -25,8 +25,8 @@ import timm  # noqa: E402
 import advprop_zoo  # noqa: E402,F401
 from advprop_zoo.attacks import AttackConfig, attack  # noqa: E402
 from advprop_zoo.eval_suite import prepare_eval_model  # noqa: E402
-from advprop_zoo.malloc import keep_freed_memory  # noqa: E402
 from advprop_zoo.table import format_table  # noqa: E402
+from benchmarks.cpu_setup import add_cpu_args, apply_cpu_args, cpu_time_is_the_clock  # noqa: E402
 
 
 def main() -> None:
@@ -36,17 +36,10 @@ def main() -> None:
     p.add_argument('--batch', type=int, default=16)
     p.add_argument('--rounds', type=int, default=3)
     p.add_argument('--device', default='cpu')
-    p.add_argument('--threads', type=int, default=None,
-                   help="torch CPU threads (default: torch's; 1 avoids OpenMP oversubscription on a shared machine)")
-    p.add_argument('--malloc', choices=('reuse', 'default'), default='reuse',
-                   help="CPU: 'reuse' keeps freed memory in the process (advprop_zoo.keep_freed_memory, as "
-                        "advprop-zoo eval and train do on CPU; default), 'default' leaves glibc's malloc as it is")
+    add_cpu_args(p)
     p.add_argument('--quick', action='store_true', help='128 px, 2 rounds')
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == 'cpu' and args.malloc == 'reuse':
-        keep_freed_memory()  # for both attacks alike: they share this process
+    cpu_setup = apply_cpu_args(args)  # for both attacks alike: they share this process
     if args.quick:
         args.res, args.rounds = 128, 2
     try:
@@ -73,8 +66,7 @@ def main() -> None:
             fused, ((pixels - m) / s).contiguous(memory_format=torch.channels_last), y, cfg, mean, std, mode='eval'),
     }
 
-    # one CPU thread: this process's CPU time, which other processes on the machine disturb least
-    clock = time.process_time if device.type == 'cpu' and torch.get_num_threads() == 1 else time.perf_counter
+    clock = time.process_time if cpu_time_is_the_clock(device) else time.perf_counter
 
     def timed(fn):
         t0 = clock()
@@ -99,8 +91,7 @@ def main() -> None:
                mean, std, mode='eval')
     agree = (a - b).abs().le(1e-4).float().mean().item()
     print(f'{args.model} {args.res}px batch {args.batch} on {args.device}, median of {args.rounds} interleaved rounds, '
-          f'torch {torch.__version__}, torchattacks {torchattacks.__version__}, {torch.get_num_threads()} threads'
-          f'{", malloc " + args.malloc if device.type == "cpu" else ""}')
+          f'torch {torch.__version__}, torchattacks {torchattacks.__version__}, {cpu_setup}')
     seconds = 'CPU seconds' if clock is time.process_time else 'seconds'
     print(format_table(['attack', seconds, 'speed vs torchattacks'], rows, align='lrr'))
     print(f'\nfused vs unfused adversarial examples (2 deterministic steps): {100 * agree:.2f}% of values identical')

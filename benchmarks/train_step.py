@@ -27,9 +27,9 @@ from timm.optim import create_optimizer_v2  # noqa: E402
 import advprop_zoo  # noqa: E402,F401
 from advprop_zoo.attacks import AttackConfig  # noqa: E402
 from advprop_zoo.dual_bn import to_dual_bn  # noqa: E402
-from advprop_zoo.malloc import keep_freed_memory  # noqa: E402
 from advprop_zoo.modes import ModeConfig, forward_loss  # noqa: E402
 from advprop_zoo.table import format_table  # noqa: E402
+from benchmarks.cpu_setup import add_cpu_args, apply_cpu_args, cpu_time_is_the_clock  # noqa: E402
 
 
 def main() -> None:
@@ -41,17 +41,10 @@ def main() -> None:
     p.add_argument('--device', default='cpu')
     p.add_argument('--amp', default=None, choices=('bf16', 'fp16'))
     p.add_argument('--channels-last', action='store_true')
-    p.add_argument('--threads', type=int, default=None,
-                   help='torch CPU threads (default: torch\'s; 1 avoids OpenMP oversubscription on a shared machine)')
-    p.add_argument('--malloc', choices=('reuse', 'default'), default='reuse',
-                   help="CPU: 'reuse' keeps freed memory in the process, as advprop-zoo train does on CPU "
-                        "(advprop_zoo.malloc; default), 'default' leaves glibc's malloc as it is")
+    add_cpu_args(p)
     p.add_argument('--quick', action='store_true', help='128 px, 3 rounds')
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == 'cpu' and args.malloc == 'reuse':
-        keep_freed_memory()
+    cpu_setup = apply_cpu_args(args)
     if args.quick:
         args.res, args.rounds = 128, 3
     device = torch.device(args.device)
@@ -106,11 +99,9 @@ def main() -> None:
              f'{m["cpu"] / anchor["cpu"]:.2f}x'] for name, m in med.items()]
     print(f'{args.model} {args.res}px batch {args.batch} on {args.device}'
           f'{" " + args.amp if args.amp else ""}{" channels_last" if args.channels_last else ""}, '
-          f'median of {args.rounds} interleaved rounds, torch {torch.__version__}, {torch.get_num_threads()} threads'
-          f'{", malloc " + args.malloc if args.device == "cpu" else ""}')
+          f'median of {args.rounds} interleaved rounds, torch {torch.__version__}, {cpu_setup}')
     print(format_table(['step', 'wall ms', 'vs vanilla', 'CPU ms', 'vs vanilla (CPU)'], rows, align='lrrrr'))
-    # one thread on a CPU: this process's CPU time does not count the time other processes held the core
-    clock = 'cpu' if device.type == 'cpu' and torch.get_num_threads() == 1 else 'wall'
+    clock = 'cpu' if cpu_time_is_the_clock(device) else 'wall'
     split = med['advprop PGD-1, split BN pass'][clock]
     two = med['advprop PGD-1 (two passes, the default)'][clock]
     print(f'\nsplit-BN one pass vs two passes: {two / split:.2f}x faster' if two >= split else

@@ -1,0 +1,34 @@
+"""CPU settings the train-step and attack benchmarks share: threads, glibc memory reuse, which clock to trust.
+
+Both compare configurations inside one process, so each setting applies to the anchor and to the
+measured paths alike.
+"""
+import argparse
+
+import torch
+
+from advprop_zoo.malloc import keep_freed_memory
+
+
+def add_cpu_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--threads', type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 avoids OpenMP oversubscription on a shared machine)")
+    p.add_argument('--malloc', choices=('reuse', 'default'), default='reuse',
+                   help="CPU: 'reuse' keeps freed memory in the process (advprop_zoo.keep_freed_memory, as "
+                        "advprop-zoo eval and train do on CPU; default), 'default' leaves glibc's malloc as it is")
+
+
+def apply_cpu_args(args: argparse.Namespace) -> str:
+    """Set the threads and, on CPU, the malloc mode; return the header words that say so."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    on_cpu = torch.device(args.device).type == 'cpu'
+    if on_cpu and args.malloc == 'reuse':
+        keep_freed_memory()
+    return f'{torch.get_num_threads()} threads' + (f', malloc {args.malloc}' if on_cpu else '')
+
+
+def cpu_time_is_the_clock(device: torch.device) -> bool:
+    """One thread on a CPU: this process's CPU time, which does not count the time other processes held
+    the core, is the steadier figure on a shared machine."""
+    return device.type == 'cpu' and torch.get_num_threads() == 1
