@@ -377,13 +377,15 @@ def convert(
         }
 
         def check(state_dict: Dict[str, torch.Tensor]) -> None:
-            if verify:
-                from convert.keras_reference import verify_against_keras
-                result.verify = verify_against_keras(lambda n: ckpt.read(chosen[n]), need, model, _level(model),
-                                                     state_dict)
+            from convert.keras_reference import verify_against_keras
+            result.verify = verify_against_keras(lambda n: ckpt.read(chosen[n]), need, model, _level(model),
+                                                 state_dict)
 
         if out is None:  # convert and check, write nothing
-            check({k: torch.from_numpy(a) for k, a in _arrays(ckpt, plan)})
+            state_dict = {k: torch.from_numpy(a) for k, a in _arrays(ckpt, plan)}  # reads and checks every tensor
+            if verify:
+                check(state_dict)
+            metadata['source_sha256'] = json.dumps(ckpt.source_sha256(), sort_keys=True)
         else:
             # the arrays stream into the output's temp file as they are read; it replaces `out` only once
             # every one was written and --verify (on the file as written) passed. The source hash runs
@@ -398,7 +400,6 @@ def convert(
                 metadata['source_sha256'] = json.dumps(ckpt.source_sha256(), sort_keys=True)
                 writer.metadata = metadata
             result.output = out
-        metadata.setdefault('source_sha256', json.dumps(ckpt.source_sha256(), sort_keys=True))
         result.metadata = metadata
     if out is not None and config_path is not None:
         try:
