@@ -138,13 +138,17 @@ def _umask() -> int:
     return mask
 
 
-def sha256_file(path: PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks (checkpoint manifests, provenance metadata)."""
+def sha256_file(path: PathLike, stop: Optional[threading.Event] = None) -> str:
+    """Hex SHA-256 of a file (checkpoint manifests, provenance metadata). Read into one reused buffer:
+    a fresh chunk per read is a fresh mapping to page-fault in (B8's 670 MB checkpoint: 0.59 s instead
+    of 0.63..0.72 s). hashlib drops the GIL while hashing, so a thread can hash beside other work;
+    ``stop`` set: give up early (for a result no longer wanted)."""
     import hashlib
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
+    h, buf = hashlib.sha256(), bytearray(1 << 20)
+    view = memoryview(buf)
+    with open(path, 'rb', buffering=0) as f:
+        while (n := f.readinto(buf)) and not (stop is not None and stop.is_set()):
+            h.update(view[:n])
     return h.hexdigest()
 
 
@@ -186,7 +190,7 @@ class SafetensorsWriter:
     _DTYPES = {'float32': 'F32', 'float16': 'F16', 'float64': 'F64', 'int64': 'I64', 'int32': 'I32'}
 
     def __init__(self, path: PathLike, layout: Iterable[Tuple[str, str, Tuple[int, ...]]],
-                 metadata_reserve: int = 4096, flush_every: int = 64 << 20):
+                 metadata_reserve: int = 4096, flush_every: Optional[int] = None):
         self.path = Path(path)
         self.metadata: Dict[str, str] = {}
         self._layout, self._entries, offset = [], {}, 0
@@ -200,7 +204,9 @@ class SafetensorsWriter:
             offset += nbytes
         base = len(json.dumps(self._entries, separators=(',', ':'))) + len('"__metadata__":{},')
         self._header_len = -(-(base + metadata_reserve) // 8) * 8  # keeps the data 8-byte aligned
-        self._flush_every = flush_every
+        # a flush per 1/16 of the data (4..64 MiB): the last fsync then waits for little, and a small
+        # file is not left for the end in one piece (B0: convert 1.4-1.6x the read floor, not 1.7-1.9x)
+        self._flush_every = flush_every or min(max(offset // 16, 4 << 20), 64 << 20)
 
     def __enter__(self) -> 'SafetensorsWriter':
         self._stack = ExitStack()

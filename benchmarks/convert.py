@@ -57,12 +57,12 @@ def _child(kind: str, prefix: str, out: str) -> None:
     peak = _rss('VmHWM')
     extra = {}
     if kind == 'floor':  # context for the ratio: the other I/O a conversion cannot skip, timed alone
-        from convert.tf_checkpoint import _sha256
+        from advprop_zoo.weights import sha256_file
         from safetensors.torch import load_file
         from advprop_zoo.weights import save_weights
         t = time.perf_counter()
         for f in Path(prefix).parent.glob(Path(prefix).name + '.*'):
-            _sha256(f)
+            sha256_file(f)
         extra['sha256_seconds'] = time.perf_counter() - t
         if Path(out).exists():
             weights = load_file(out)

@@ -5,7 +5,6 @@ checksums) is TF's problem, not ours. Tarballs come from the internet: they are 
 dir that is removed on every exit path, and any member that is a link, a device or a path that would
 land outside that dir (absolute, or climbing with ``..``) stops the unpacking.
 """
-import hashlib
 import os
 import re
 import tarfile
@@ -15,11 +14,11 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Tuple, Union
 
 import numpy as np
 
-from advprop_zoo.weights import WeightsError
+from advprop_zoo.weights import WeightsError, sha256_file
 
 __all__ = [
     'EMA_SUFFIX', 'TARBALL_SUFFIXES', 'Checkpoint', 'is_tarball', 'safe_extract', 'resolve_prefix',
@@ -127,14 +126,6 @@ def _data_files(prefix: Path) -> List[Path]:
     return files
 
 
-def _sha256(path: Path, stop: Optional[threading.Event] = None) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        while (chunk := f.read(1 << 22)) and not (stop and stop.is_set()):
-            h.update(chunk)  # releases the GIL: hashing runs beside the tensor reads
-    return h.hexdigest()
-
-
 @dataclass
 class Checkpoint:
     """An opened checkpoint: its prefix, TF's reader, and the variables' shapes and dtypes."""
@@ -194,7 +185,7 @@ def open_checkpoint(path: PathLike) -> Iterator[Checkpoint]:
 
         def hash_all() -> None:
             for f in hashed:
-                digests[f.name] = _sha256(f, stop)
+                digests[f.name] = sha256_file(f, stop)
 
         hasher = threading.Thread(target=hash_all, daemon=True)
         hasher.start()

@@ -5,7 +5,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from advprop_zoo.weights import SafetensorsWriter, WeightsError, read_safetensors_header
+from advprop_zoo.weights import SafetensorsWriter, WeightsError, read_safetensors_header, sha256_file
 
 RNG = np.random.default_rng(0)
 ARRAYS = {'bn.num_batches_tracked': np.array(7, dtype=np.int64),
@@ -58,3 +58,23 @@ def test_a_failed_stream_leaves_the_old_file_and_no_temp(tmp_path, fault, match)
                 w.metadata = {'x': 'y' * 200}
     assert out.read_bytes() == b'old'
     assert [p.name for p in tmp_path.iterdir()] == ['w.safetensors']
+
+
+@pytest.mark.parametrize('size', [0, 1, (1 << 20) - 1, (1 << 20) + 7, 3 << 20])
+def test_sha256_file_matches_hashlib_across_buffer_edges(tmp_path, size):
+    """The reused read buffer: each chunk hashed up to what was read, none twice, the last one short."""
+    import hashlib
+    data = RNG.integers(0, 256, size, dtype=np.uint8).tobytes()
+    path = tmp_path / 'blob'
+    path.write_bytes(data)
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
+
+
+def test_sha256_file_stops_when_asked(tmp_path):
+    import hashlib
+    import threading
+    path = tmp_path / 'blob'
+    path.write_bytes(b'x' * (3 << 20))
+    stop = threading.Event()
+    stop.set()
+    assert sha256_file(path, stop) != hashlib.sha256(path.read_bytes()).hexdigest()  # gave up early
