@@ -57,9 +57,8 @@ def _child(kind: str, prefix: str, out: str) -> None:
     peak = _rss('VmHWM')
     extra = {}
     if kind == 'floor':  # context for the ratio: the other I/O a conversion cannot skip, timed alone
-        from advprop_zoo.weights import sha256_file
         from safetensors.torch import load_file
-        from advprop_zoo.weights import save_weights
+        from advprop_zoo.weights import save_weights, sha256_file
         t = time.perf_counter()
         for f in Path(prefix).parent.glob(Path(prefix).name + '.*'):
             sha256_file(f)
