@@ -59,11 +59,10 @@ def _child(kind: str, prefix: str, out: str) -> None:
     if kind == 'floor':  # context for the ratio: the other work a conversion cannot skip, timed alone
         from safetensors.torch import load_file
         from advprop_zoo.weights import save_weights, sha256_file
-        from convert.tf_to_timm import _expected, _meta_model, model_for_checkpoint
+        from convert.tf_to_timm import _expected, model_for_checkpoint
         scope = next(n.split('/', 1)[0] for n in reader.get_variable_to_shape_map() if n.startswith('efficientnet-b'))
         t = time.perf_counter()
-        _meta_model(model_for_checkpoint(scope, {}))  # this process's first build, as in a conversion
-        _expected(model_for_checkpoint(scope, {}))
+        _expected(model_for_checkpoint(scope, {}))  # this process's first model build + name map, as in a conversion
         extra['structure_seconds'] = time.perf_counter() - t
         t = time.perf_counter()
         for f in Path(prefix).parent.glob(Path(prefix).name + '.*'):
