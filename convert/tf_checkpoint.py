@@ -10,6 +10,7 @@ import re
 import tarfile
 import tempfile
 import threading
+import time
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -136,6 +137,7 @@ class Checkpoint:
     _reader: object = field(repr=False)
     _digests: Dict[str, str] = field(default_factory=dict, repr=False)
     _hasher: threading.Thread = field(default=None, repr=False)
+    _hash_timing: Dict[str, float] = field(default_factory=dict, repr=False)
 
     def read(self, name: str) -> np.ndarray:
         """One variable as a numpy array; a truncated or corrupt data file fails here, in one line."""
@@ -150,6 +152,11 @@ class Checkpoint:
         if self._hasher is not None:
             self._hasher.join()
         return dict(self._digests)
+
+    @property
+    def hash_seconds(self) -> float:
+        """Wall time the source hash took on its thread (0 until it is done)."""
+        return self._hash_timing.get('seconds', 0.0)
 
 
 def _open_reader(prefix: Path, label: Path):
@@ -181,17 +188,20 @@ def open_checkpoint(path: PathLike) -> Iterator[Checkpoint]:
             data = _data_files(prefix)
             hashed = [Path(f'{prefix}.index')] + data
         digests: Dict[str, str] = {}
+        timing: Dict[str, float] = {}
         stop = threading.Event()
 
         def hash_all() -> None:
+            start = time.perf_counter()
             for f in hashed:
                 digests[f.name] = sha256_file(f, stop)
+            timing['seconds'] = time.perf_counter() - start
 
         hasher = threading.Thread(target=hash_all, daemon=True)
         hasher.start()
         try:
             reader, shapes, dtypes = _open_reader(prefix, path)
-            yield Checkpoint(path, prefix, shapes, dtypes, reader, digests, hasher)
+            yield Checkpoint(path, prefix, shapes, dtypes, reader, digests, hasher, timing)
         finally:
             stop.set()  # done or failed: a digest still running is not wanted any more
             hasher.join()  # the temp dir may only go once nothing reads from it

@@ -62,6 +62,10 @@ class ConversionResult:
     config: Optional[Path] = None
     verify: Optional['Verification'] = None  # set by --verify
     seconds: float = 0.0
+    # wall seconds of each step on the main thread, in order (open, structure, read+write, ...), and of
+    # the source hash on its own thread: where a conversion's time goes (benchmarks/convert.py prints them)
+    phases: Dict[str, float] = field(default_factory=dict)
+    hash_seconds: float = 0.0
     metadata: Dict[str, str] = field(default_factory=dict)
 
     def lines(self) -> List[str]:
@@ -331,7 +335,15 @@ def convert(
     folder. Nothing is written unless the checkpoint fits the model completely and, with ``verify``,
     Keras agrees on the logits. ``output=None`` converts and checks without writing.
     """
-    start = time.perf_counter()
+    start = last = time.perf_counter()
+    phases: Dict[str, float] = {}
+
+    def lap(phase: str) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        phases[phase] = phases.get(phase, 0.0) + now - last
+        last = now
+
     model = _check_model(model) if model else None
     templated = output is not None and '{model}' in str(output)
 
@@ -348,6 +360,7 @@ def convert(
     if not templated:
         targets('')  # fail on the output before unpacking or reading anything
     with open_checkpoint(checkpoint) as ckpt:
+        lap('open')
         scope = _scope(ckpt)
         chosen, ema = _choose_copies(ckpt, scope, use_ema)
         found = {n: ckpt.shapes[v] for n, v in chosen.items()}
@@ -364,6 +377,7 @@ def convert(
         # timm's own keys and shapes, every one, before anything is read
         check_state_dict({e.key: torch.empty(e.shape, device='meta') for e in plan}, meta,
                          ignore=[e.key for e in plan if '.aux_bn.' in e.key])
+        lap('structure')
         result = ConversionResult(Path(checkpoint), model, scope, ema, weights=len(chosen), aux_bns=len(aux),
                                   ignored=len(ckpt.shapes) - len(chosen))
         metadata = {
@@ -383,9 +397,12 @@ def convert(
 
         if out is None:  # convert and check, write nothing
             state_dict = {k: torch.from_numpy(a) for k, a in _arrays(ckpt, plan)}  # reads and checks every tensor
+            lap('read')
             if verify:
                 check(state_dict)
+                lap('verify')
             metadata['source_sha256'] = json.dumps(ckpt.source_sha256(), sort_keys=True)
+            lap('source hash wait')
         else:
             # the arrays stream into the output's temp file as they are read; it replaces `out` only once
             # every one was written and --verify (on the file as written) passed. The source hash runs
@@ -394,13 +411,19 @@ def convert(
                                    metadata_reserve=len(json.dumps(metadata)) + (16 << 10)) as writer:
                 for key, array in _arrays(ckpt, plan, reuse=True):
                     writer.write(key, array)
+                lap('read+write')
                 if verify:
                     from safetensors.torch import load_file
                     check(load_file(str(writer.temp_path)))
+                    lap('verify')
                 metadata['source_sha256'] = json.dumps(ckpt.source_sha256(), sort_keys=True)
+                lap('source hash wait')
                 writer.metadata = metadata
+            lap('fsync+rename')
             result.output = out
         result.metadata = metadata
+        result.hash_seconds = ckpt.hash_seconds
+    lap('close')  # a tarball's temp dir removed
     if out is not None and config_path is not None:
         try:
             _write_config(model, config_path)
@@ -408,6 +431,8 @@ def convert(
             out.unlink(missing_ok=True)  # the pair is the product: no weights without their config
             raise
         result.config = config_path
+        lap('config')
+    result.phases = phases
     result.seconds = time.perf_counter() - start
     return result
 

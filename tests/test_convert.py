@@ -151,6 +151,14 @@ def test_release_tarball_converts_verifies_and_loads(capsys, b0_release, out):
     assert sorted(p.name for p in out.iterdir()) == ['config.json', 'model.safetensors']  # no temp files left
 
 
+def test_conversion_says_where_its_time_went(b0_release, out):
+    result = convert(b0_release['prefix'], out / 'b0.safetensors')
+    assert list(result.phases) == ['open', 'structure', 'read+write', 'source hash wait', 'fsync+rename', 'close']
+    assert min(result.phases.values()) >= 0
+    assert sum(result.phases.values()) == pytest.approx(result.seconds, abs=1e-3)  # the laps cover the whole call
+    assert result.hash_seconds > 0  # the source hash ran, on its own thread
+
+
 def test_no_ema_converts_the_raw_weights(capsys, b0_release, out):
     target = out / 'raw.safetensors'
     code, stdout, _ = run(capsys, '--checkpoint', b0_release['prefix'], '--output', target, '--no-ema')
