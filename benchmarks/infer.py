@@ -27,6 +27,10 @@ all of them alike); the median of wall-clock time and of this process's CPU time
 thread, CPU time is the more stable figure when other processes compete for the cores.
 Also measured: the eval overhead of a dual-BN model in its main route over the plain model (paired,
 alternating calls), and each path's max difference to the anchor's logits relative to their size.
+
+``--breakdown`` adds where the time goes in the compiled model and in ONNX Runtime, summed by kind of
+op (depthwise convs, 1x1 convs, ...) over profiled calls (torch.profiler, which slows each op a little;
+ONNX Runtime's own profiler).
 """
 import argparse
 import copy
@@ -43,6 +47,8 @@ from typing import Callable, Dict, List, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 ANCHOR = 'timm tf_efficientnet_b0, eager NCHW (anchor)'
+COMPILED = '  + torch.compile'
+ORT = 'ONNX Runtime, exported fused model'
 
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
@@ -56,8 +62,12 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument('--pairs', type=int, default=15, help='paired calls for the dual-BN overhead (10x that at batch 1)')
     p.add_argument('--malloc', choices=['default', 'reuse', 'both'], default='both')
     p.add_argument('--no-compile', action='store_true', help='skip torch.compile (it takes 1-3 min on 2 cores)')
+    p.add_argument('--breakdown', action='store_true',
+                   help='also profile the compiled model and ONNX Runtime and sum their time per call by op kind')
     p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.breakdown and args.no_compile:
+        p.error('--breakdown profiles the compiled model; drop --no-compile')
     if args.quick:
         args.reps, args.warmup, args.pairs = 3, 1, 3
     args.warmup = max(args.warmup, 1)  # the first call also gives each path's difference to the anchor
@@ -108,7 +118,7 @@ def build_paths(args, anchor, x) -> List[Tuple[str, Callable, object]]:
         with torch.inference_mode():
             compiled(xc)
         log(f'compiled in {time.perf_counter() - start:.0f} s')
-        paths.append(('  + torch.compile', compiled, xc))
+        paths.append((COMPILED, compiled, xc))
     import onnxruntime as ort
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / 'b0.onnx'
@@ -118,9 +128,77 @@ def build_paths(args, anchor, x) -> List[Tuple[str, Callable, object]]:
         options.intra_op_num_threads = args.threads
         options.inter_op_num_threads = 1
         session = ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
+        args.onnx_bytes = path.read_bytes()  # for --breakdown's profiling session
     xn = x.numpy()
-    paths.append(('ONNX Runtime, exported fused model', lambda _: torch.from_numpy(session.run(None, {'input': xn})[0]), None))
+    paths.append((ORT, lambda _: torch.from_numpy(session.run(None, {'input': xn})[0]), None))
     return paths
+
+
+def conv_kind(x_shape: List[int], w_shape: List[int]) -> str:
+    """What a conv does in an EfficientNet, from its input and weight shapes."""
+    if len(w_shape) != 4 or len(x_shape) != 4:
+        return 'other convs'
+    if w_shape[1] == 1 and w_shape[0] == x_shape[1] > 1:
+        return 'depthwise convs'
+    if w_shape[2:] == [1, 1]:
+        return 'squeeze-excite convs' if x_shape[2:] == [1, 1] else '1x1 convs'
+    return 'other convs (stem)'
+
+
+def torch_breakdown(compiled, x, calls: int = 3) -> Dict[str, float]:
+    """Seconds per call by op kind, over ``calls`` profiled calls of the compiled model: oneDNN's convs
+    (their fused SiLU / residual add included), everything else (inductor's own kernels) as the rest."""
+    from torch.profiler import ProfilerActivity, profile
+    compiled(x)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        start = time.perf_counter()
+        for _ in range(calls):
+            compiled(x)
+        total = (time.perf_counter() - start) / calls
+    out: Dict[str, float] = {}
+    for e in prof.events():
+        if not e.name.startswith('mkldnn::_convolution_pointwise'):
+            continue
+        shapes = [list(s) for s in e.input_shapes]
+        xs, ws = (shapes[1], shapes[2]) if e.name.endswith('_') else (shapes[0], shapes[1])  # in-place: (other, X, W)
+        kind = conv_kind(xs, ws)
+        out[kind] = out.get(kind, 0.0) + e.cpu_time_total / 1e6 / calls
+    out['everything else'] = total - sum(out.values())
+    out['total (profiled call)'] = total
+    return out
+
+
+def ort_breakdown(onnx_bytes: bytes, xn, threads: int) -> Dict[str, float]:
+    """Seconds by op kind in one profiled ONNX Runtime call (its own profiler, node kernel times)."""
+    import onnxruntime as ort
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / 'ort')
+        session = ort.InferenceSession(onnx_bytes, options, providers=['CPUExecutionProvider'])
+        for _ in range(3):
+            session.run(None, {'input': xn})
+        events = json.loads(Path(session.end_profiling()).read_text())
+    run = [e for e in events if e.get('name') == 'model_run'][-1]
+    out: Dict[str, float] = {}
+    for e in events:
+        if e.get('cat') != 'Node' or not e['name'].endswith('_kernel_time') or not run['ts'] <= e['ts'] <= run['ts'] + run['dur']:
+            continue
+        op = e['args'].get('op_name', '')
+        if op in ('Conv', 'FusedConv', 'NchwcConv'):
+            shapes = [next(iter(s.values())) for s in e['args'].get('input_type_shape', [])]
+            kind = conv_kind(shapes[0], shapes[1]) if len(shapes) >= 2 else 'other convs'
+        elif op in ('QuickGelu', 'Sigmoid', 'Silu', 'Swish'):
+            kind = 'activations (SiLU, run apart from the convs)'
+        elif op.startswith('Reorder'):
+            kind = 'layout reorders (NCHW <-> NCHWc)'
+        else:
+            kind = 'everything else'
+        out[kind] = out.get(kind, 0.0) + e['dur'] / 1e6
+    out['everything else'] = out.get('everything else', 0.0) + run['dur'] / 1e6 - sum(out.values())
+    out['total (profiled call)'] = run['dur'] / 1e6
+    return out
 
 
 def log(msg: str) -> None:
@@ -166,7 +244,13 @@ def worker(args: argparse.Namespace) -> Dict:
         # each call is short)
         overhead = {str(len(x)): dual_overhead(anchor, dual, x, args.pairs),
                     '1': dual_overhead(anchor, dual, x[:1], args.pairs * 10)}
+        breakdown = {}
+        if args.breakdown:
+            log('profiling one call of each ...')
+            fn, arg = next((fn, arg) for label, fn, arg in paths if label == COMPILED)
+            breakdown = {'torch': torch_breakdown(fn, arg), 'ort': ort_breakdown(args.onnx_bytes, x.numpy(), args.threads)}
     return {
+        'breakdown': breakdown,
         'paths': {label: {'wall': statistics.median(r['wall']), 'cpu': statistics.median(r['cpu']),
                           'rel_diff': diffs[label]} for label, r in results.items()},
         'dual_overhead': overhead,
@@ -206,6 +290,7 @@ def main(argv: List[str]) -> None:
     worker_args = ['--batch-size', str(args.batch_size), '--img-size', str(args.img_size), '--threads', str(args.threads),
                    '--reps', str(args.reps), '--warmup', str(args.warmup), '--pairs', str(args.pairs)]
     worker_args += ['--no-compile'] if args.no_compile else []
+    worker_args += ['--breakdown'] if args.breakdown else []
     runs = {cfg: run_config(worker_args, cfg) for cfg in configs}
     base = runs[configs[0]]['paths'][ANCHOR]
     rows = []
@@ -223,16 +308,25 @@ def main(argv: List[str]) -> None:
             pairs = args.pairs * (10 if batch == '1' else 1)
             print(f"dual BN, main route, eval, batch {batch}, {cfg} allocator: {o['cpu'] * 100:+.1f}% CPU time, "
                   f"{o['wall'] * 100:+.1f}% wall over the plain model (median of {pairs} paired calls; target <= 3%)")
-    ort_label = 'ONNX Runtime, exported fused model'
     for cfg, run in runs.items():
-        torch_paths = {k: v for k, v in run['paths'].items() if k not in (ANCHOR, ort_label)}
+        torch_paths = {k: v for k, v in run['paths'].items() if k not in (ANCHOR, ORT)}
         for clock in ('cpu', 'wall'):
             best = min(torch_paths, key=lambda k: torch_paths[k][clock])
             speedup = base[clock] / torch_paths[best][clock]
-            vs_ort = run['paths'][ort_label][clock] / torch_paths[best][clock]
+            vs_ort = run['paths'][ORT][clock] / torch_paths[best][clock]
             print(f'{cfg} allocator, {clock}: best PyTorch path "{best.strip()}" {speedup:.2f}x the anchor '
                   f'(target >= 3.5x: {"met" if speedup >= 3.5 else "NOT met"}), {vs_ort:.2f}x ONNX Runtime\'s speed '
                   f'(target >= 1: {"met" if vs_ort >= 1 else "NOT met"})')
+    for cfg, run in runs.items():
+        if run['breakdown']:
+            t, o = run['breakdown']['torch'], run['breakdown']['ort']
+            kinds = [k for k in [*t, *o] if not k.startswith('total')]
+            kinds = sorted(dict.fromkeys(kinds), key=lambda k: -(t.get(k, 0.0) + o.get(k, 0.0))) + ['total (profiled call)']
+            print(f'\nWhere the time goes, {cfg} allocator (profiled calls, seconds per call; the compiled '
+                  "model's convs include their fused SiLU / residual add, ONNX Runtime runs SiLU apart):\n")
+            print(format_table(['op kind', 'torch.compile s', 'ONNX Runtime s'],
+                               [[k, f'{t[k]:.3f}' if k in t else '-', f'{o[k]:.3f}' if k in o else '-'] for k in kinds],
+                               align='lrr'))
 
 
 if __name__ == '__main__':
