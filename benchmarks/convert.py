@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TIME_TARGET = 1.5
-PHASES = ('open', 'structure', 'read+write', 'source hash wait', 'fsync+rename')
 RSS_TARGET = 2.5
+PHASES = ('open', 'structure', 'read+write', 'source hash wait', 'fsync+rename')  # ConversionResult.phases
 
 
 def _rss(field: str = 'VmRSS') -> int:
