@@ -169,7 +169,7 @@ def torch_breakdown(compiled, x, calls: int = 3) -> Dict[str, float]:
 
 
 def ort_breakdown(onnx_bytes: bytes, xn, threads: int) -> Dict[str, float]:
-    """Seconds by op kind in one profiled ONNX Runtime call (its own profiler, node kernel times)."""
+    """Seconds by op kind in one ONNX Runtime call, the last of three (its own profiler's node kernel times)."""
     import onnxruntime as ort
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()
@@ -246,7 +246,7 @@ def worker(args: argparse.Namespace) -> Dict:
                     '1': dual_overhead(anchor, dual, x[:1], args.pairs * 10)}
         breakdown = {}
         if args.breakdown:
-            log('profiling one call of each ...')
+            log('profiling the compiled model and ONNX Runtime ...')
             fn, arg = next((fn, arg) for label, fn, arg in paths if label == COMPILED)
             breakdown = {'torch': torch_breakdown(fn, arg), 'ort': ort_breakdown(args.onnx_bytes, x.numpy(), args.threads)}
     return {
