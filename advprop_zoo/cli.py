@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = argparse.ArgumentParser(
         prog='advprop-zoo',
-        description='AdvProp EfficientNets for timm: list the zoo, and (in later commands) fold, export, train, eval.')
+        description='AdvProp EfficientNets for timm: list the zoo, fold dual-BN checkpoints, export, evaluate, train.')
     parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
     p = sub.add_parser('list', help='table of the nine AdvProp models: params, input, crop, attacker, top-1, cache')
