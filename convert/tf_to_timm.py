@@ -341,7 +341,7 @@ def convert(
     def lap(phase: str) -> None:
         nonlocal last
         now = time.perf_counter()
-        phases[phase] = phases.get(phase, 0.0) + now - last
+        phases[phase] = now - last  # each phase ends once
         last = now
 
     model = _check_model(model) if model else None
