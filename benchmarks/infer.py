@@ -91,7 +91,8 @@ def calibrated_b0(img_size: int):
     return model.eval()
 
 
-def build_paths(args, anchor, x) -> List[Tuple[str, Callable, object]]:
+def build_paths(args, anchor, x) -> Tuple[List[Tuple[str, Callable, object]], bytes]:
+    """(label, callable, its input) per path, and the exported ONNX model (for --breakdown's profiling)."""
     import torch
     from advprop_zoo import export_model, fuse_bn
 
@@ -128,10 +129,10 @@ def build_paths(args, anchor, x) -> List[Tuple[str, Callable, object]]:
         options.intra_op_num_threads = args.threads
         options.inter_op_num_threads = 1
         session = ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
-        args.onnx_bytes = path.read_bytes()  # for --breakdown's profiling session
+        onnx_bytes = path.read_bytes()
     xn = x.numpy()
     paths.append((ORT, lambda _: torch.from_numpy(session.run(None, {'input': xn})[0]), None))
-    return paths
+    return paths, onnx_bytes
 
 
 def conv_kind(x_shape: List[int], w_shape: List[int]) -> str:
@@ -221,7 +222,7 @@ def worker(args: argparse.Namespace) -> Dict:
         assert keep_freed_memory(), 'keep_freed_memory needs glibc'
     anchor = calibrated_b0(args.img_size)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(1))
-    paths = build_paths(args, anchor, x)
+    paths, onnx_bytes = build_paths(args, anchor, x)
     results = {label: {'wall': [], 'cpu': []} for label, _, _ in paths}
     with torch.inference_mode():
         ref = anchor(x)
@@ -248,7 +249,7 @@ def worker(args: argparse.Namespace) -> Dict:
         if args.breakdown:
             log('profiling the compiled model and ONNX Runtime ...')
             fn, arg = next((fn, arg) for label, fn, arg in paths if label == COMPILED)
-            breakdown = {'torch': torch_breakdown(fn, arg), 'ort': ort_breakdown(args.onnx_bytes, x.numpy(), args.threads)}
+            breakdown = {'torch': torch_breakdown(fn, arg), 'ort': ort_breakdown(onnx_bytes, x.numpy(), args.threads)}
     return {
         'breakdown': breakdown,
         'paths': {label: {'wall': statistics.median(r['wall']), 'cpu': statistics.median(r['cpu']),
