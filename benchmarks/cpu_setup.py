@@ -1,9 +1,10 @@
-"""CPU settings the train-step and attack benchmarks share: threads, glibc memory reuse, which clock to trust.
+"""CPU settings the benchmarks share: threads, glibc memory reuse, which clock to trust, what CPU it was.
 
 Both compare configurations inside one process, so each setting applies to the anchor and to the
 measured paths alike.
 """
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -25,7 +26,16 @@ def apply_cpu_args(args: argparse.Namespace) -> str:
     on_cpu = torch.device(args.device).type == 'cpu'
     if on_cpu and args.malloc == 'reuse':
         keep_freed_memory()
-    return f'{torch.get_num_threads()} threads' + (f', malloc {args.malloc}' if on_cpu else '')
+    return f'{torch.get_num_threads()} threads' + (f', malloc {args.malloc}, {cpu_name()}' if on_cpu else '')
+
+
+def cpu_name() -> str:
+    """The processor and the vector ISA torch's CPU kernels use: ratios between runtimes depend on it
+    (oneDNN's depthwise convs trail ONNX Runtime's on AVX2 and keep up on AVX-512), so every figure says it."""
+    cpuinfo = Path('/proc/cpuinfo')
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    model = next((line.split(':', 1)[1].strip() for line in lines if line.startswith('model name')), 'unknown CPU')
+    return f'{model}, torch kernels {torch.backends.cpu.get_cpu_capability()}'
 
 
 def cpu_time_is_the_clock(device: torch.device) -> bool:

@@ -26,6 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from advprop_zoo import bn_route, to_dual_bn, use_aux_bn  # noqa: E402
 from advprop_zoo.table import format_table  # noqa: E402
+from benchmarks.cpu_setup import cpu_name  # noqa: E402
 
 
 def two_passes(model, opt, clean, adv, target) -> None:
@@ -100,7 +101,7 @@ def main(argv: List[str]) -> None:
              for clock in ('wall', 'cpu')}
     rows = [[name, f"{statistics.median(t['wall']):.3f}", f"{statistics.median(t['cpu']):.3f}"] for name, t in times.items()]
     print(f'\n{args.model}, {args.img_size} px, {args.batch_size} clean + {args.batch_size} adversarial, fp32, CPU, '
-          f'{args.threads} thread(s), {"channels_last" if args.channels_last else "NCHW"}, median of {pairs} pairs\n')
+          f'{args.threads} thread(s), {cpu_name()}, {"channels_last" if args.channels_last else "NCHW"}, median of {pairs} pairs\n')
     print(format_table(['train step', 'wall s', 'CPU s'], rows, align='lrr'))
     print(f"\nsplit is {ratio['cpu']:.2f}x as fast as two passes by CPU time, {ratio['wall']:.2f}x by wall time "
           f"(median of per-pair ratios); gradients agree to {grad_diff:.1e} of their max")

@@ -286,6 +286,7 @@ def main(argv: List[str]) -> None:
         print(json.dumps(worker(args)))
         return
     from advprop_zoo.table import format_table
+    from benchmarks.cpu_setup import cpu_name
 
     configs = ['default', 'reuse'] if args.malloc == 'both' else [args.malloc]
     worker_args = ['--batch-size', str(args.batch_size), '--img-size', str(args.img_size), '--threads', str(args.threads),
@@ -300,7 +301,7 @@ def main(argv: List[str]) -> None:
             rows.append([label, cfg, f"{r['wall']:.3f}", f"{base['wall'] / r['wall']:.2f}x",
                          f"{r['cpu']:.3f}", f"{base['cpu'] / r['cpu']:.2f}x", f"{r['rel_diff']:.1e}"])
     print(f'\nEfficientNet-B0, {args.img_size}x{args.img_size}, batch {args.batch_size}, fp32, CPU, '
-          f'{args.threads} thread(s), median of {args.reps} (ratios to the {configs[0]}-allocator anchor)\n')
+          f'{args.threads} thread(s), {cpu_name()}, median of {args.reps} (ratios to the {configs[0]}-allocator anchor)\n')
     print(format_table(['path', 'malloc', 'wall s', 'x anchor', 'CPU s', 'x anchor (CPU)', 'max |diff| / max |logit|'],
                        rows, align='llrrrrr'))
     print()
