@@ -1,7 +1,7 @@
 """CPU settings the benchmarks share: threads, glibc memory reuse, which clock to trust, what CPU it was.
 
-Both compare configurations inside one process, so each setting applies to the anchor and to the
-measured paths alike.
+The train-step and attack benchmarks compare configurations inside one process, so each setting
+applies to the anchor and to the measured paths alike.
 """
 import argparse
 from pathlib import Path
