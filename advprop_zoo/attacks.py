@@ -17,10 +17,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['AttackConfig', 'attack', 'signed_step', 'pixel_bounds', 'bn_mode']
+from .dual_bn import bn_route as _route  # as _route: attack() takes a bn_route argument
+
+__all__ = ['AttackConfig', 'attack', 'signed_step', 'pixel_bounds', 'bn_mode', 'paper_steps', 'PAPER_STEPS_RULE']
 
 ATTACKS = ('pgd', 'fgsm')
+PAPER_STEPS_RULE = 'eps + 1 iterations, 1 for eps <= 1'  # for --help texts; paper_steps is the rule itself
 _FP16_LOSS_SCALE = 1024.0  # only the sign of the input gradient is used: a fixed scale keeps fp16 grads off zero
+
+
+def paper_steps(eps: float) -> int:
+    """The AdvProp paper's PGD iteration count for a budget of ``eps`` pixels at step 1: ``eps + 1``,
+    a single step for eps <= 1 (PGD1 eps1, PGD4 eps3, PGD5 eps4)."""
+    return 1 if eps <= 1 else int(round(eps)) + 1
 
 
 @dataclass(frozen=True)
@@ -52,7 +61,7 @@ class AttackConfig:
         if self.kind == 'fgsm':
             return replace(self, steps=1, step_size=self.step_size or self.eps,
                            random_start=bool(self.random_start))
-        steps = self.steps or (1 if self.eps <= 1 else int(round(self.eps)) + 1)
+        steps = self.steps or paper_steps(self.eps)
         return replace(self, steps=steps, step_size=self.step_size or 1.0,
                        random_start=True if self.random_start is None else self.random_start)
 
@@ -60,13 +69,6 @@ class AttackConfig:
         c = self.resolved()
         name = 'FGSM' if c.kind == 'fgsm' else f'PGD{c.steps}'
         return f'{name}_eps{c.eps:g}' + ('' if c.targeted else '_untargeted')
-
-    @classmethod
-    def from_paper(cls, model_name: str) -> 'AttackConfig':
-        """The paper's best attacker for a zoo model (B0-B2 PGD1 eps1, B3 PGD4 eps3, B4-B8 PGD5 eps4)."""
-        from .efficientnet_advprop import paper_attacker
-        a = paper_attacker(model_name)
-        return cls(eps=a.eps, steps=a.steps, step_size=a.step_size)
 
 
 def pixel_bounds(
@@ -145,8 +147,7 @@ def attack(
     scale = _FP16_LOSS_SCALE if autocast_dtype == torch.float16 else 1.0
     route = nullcontext()
     if bn_route is not None:
-        from .dual_bn import bn_route as route_ctx
-        route = route_ctx(model, bn_route)
+        route = _route(model, bn_route)
     with route, bn_mode(model, mode), torch.enable_grad():
         for _ in range(c.steps):
             x_adv.requires_grad_(True)

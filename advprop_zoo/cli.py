@@ -1,19 +1,38 @@
-"""``advprop-zoo``: the command line. Each subcommand is a thin shell over a library function."""
+"""``advprop-zoo``: the command line. Each subcommand is a thin shell over a library function.
+
+Packages built on the library add subcommands through the ``advprop_zoo.commands`` entry-point group
+(``advprop-zoo train`` is ``advprop_zoo_train``'s), so the library never imports them: a command found
+there gets the rest of the command line and parses it itself.
+"""
 import argparse
 import sys
-from typing import List, Optional
+from importlib.metadata import EntryPoint, entry_points
+from typing import Dict, List, Optional
 
-__all__ = ['main']
+import timm
+import torch
+
+from .efficientnet_advprop import DEFAULT_TAG, VARIANTS, ZOO_TAG
+from .eval.command import DESCRIPTION as EVAL_DESCRIPTION, add_eval_arguments, eval_command
+from .errors import run_command
+from .export import export_model
+from .fold import fold_checkpoint
+from .load import load_model
+from .table import format_table
+from .version import __version__
+from .weights import cached_weights_path
+
+__all__ = ['main', 'build_parser', 'COMMAND_GROUP']
+
+COMMAND_GROUP = 'advprop_zoo.commands'  # entry points: name -> callable(argv: list[str]) -> exit code
+
+
+def plugin_commands() -> Dict[str, EntryPoint]:
+    """Subcommands other installed packages register under ``COMMAND_GROUP``."""
+    return {ep.name: ep for ep in entry_points(group=COMMAND_GROUP)}
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    import timm
-    import torch
-
-    from .efficientnet_advprop import DEFAULT_TAG, VARIANTS, ZOO_TAG
-    from .table import format_table
-    from .weights import cached_weights_path
-
     rows = []
     for v in VARIANTS:
         with torch.device('meta'):  # count parameters from the real structure without allocating it
@@ -33,8 +52,6 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_fold(args: argparse.Namespace) -> int:
-    from .fold import fold_checkpoint
-
     kwargs = {} if args.num_classes is None else {'num_classes': args.num_classes}
     out, kept, dropped = fold_checkpoint(args.input, args.output, args.model, overwrite=args.force, **kwargs)
     what = f'dropped {dropped} auxiliary BN tensors' if dropped else 'no auxiliary BN tensors found (already plain)'
@@ -43,24 +60,17 @@ def _cmd_fold(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_model, inference_model
-
-    kwargs = {} if args.num_classes is None else {'num_classes': args.num_classes}
-    model, size = inference_model(args.model, checkpoint=args.checkpoint, input_size=args.input_size, **kwargs)
-    diff = export_model(model, args.output, size, format=args.format, overwrite=args.force, atol=args.atol)
+    loaded = load_model(args.model, checkpoint=args.checkpoint, pretrained=args.checkpoint is None,
+                        num_classes=args.num_classes, fuse=True, input_size=args.input_size)
+    size = loaded.input_size
+    diff = export_model(loaded.model, args.output, size, format=args.format, overwrite=args.force, atol=args.atol)
     check = 'onnxruntime' if args.format == 'onnx' else 'the reloaded TorchScript module'
     print(f'{args.output}: {args.model} folded and BN-fused, static padding for {"x".join(map(str, size))}, '
           f'dynamic batch; {check} vs PyTorch max abs diff {diff:.2e}')
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from .eval_cli import eval_command
-    return eval_command(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
     parser = argparse.ArgumentParser(
         prog='advprop-zoo',
         description='AdvProp EfficientNets for timm: list the zoo, fold dual-BN checkpoints, export, evaluate, train.')
@@ -91,42 +101,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--input-size', type=int, nargs='+', default=None, metavar='N',
                    help='C H W, H W or H (default: the model\'s own, e.g. 3 224 224 for B0)')
     p.add_argument('--output', required=True, help='file to write (.onnx / .pt)')
-    p.add_argument('--num-classes', type=int, default=None, help='classifier size, if not the model default')
+    p.add_argument('--num-classes', type=int, default=None,
+                   help='classifier size (default: read from --checkpoint; the model\'s own for pretrained weights)')
     p.add_argument('--atol', type=float, default=1e-4, help='max abs difference to PyTorch allowed (default 1e-4)')
     p.add_argument('--force', action='store_true', help='replace the output if it exists')
     p.set_defaults(func=_cmd_export)
 
-    from .eval_cli import DESCRIPTION, add_eval_arguments
     p = sub.add_parser('eval', help='ImageNet top-1/5, robust accuracy, ImageNet-C mCE, ImageNet-A, Stylized; '
-                       '--compare results', description=DESCRIPTION)
+                       '--compare results', description=EVAL_DESCRIPTION)
     add_eval_arguments(p)
-    p.set_defaults(func=_cmd_eval)
+    p.set_defaults(func=eval_command)
 
-    # the train loop lives in the separate advprop_zoo_train package; its own parser owns the flags
-    sub.add_parser('train', add_help=False, help='train / fine-tune with AdvProp; with no flags, the embedded demo '
-                   '(see advprop-zoo train --help)')
+    for name, ep in sorted(plugin_commands().items()):  # their own parsers own their flags
+        doc = (getattr(ep.load(), '__doc__', None) or '').strip().splitlines()
+        sub.add_parser(name, add_help=False, help=f'{doc[0] if doc else ep.value} (see advprop-zoo {name} --help)')
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ['train']:
-        from advprop_zoo_train import main as train_main
-        return train_main(argv[1:])
+    plugin = plugin_commands().get(argv[0]) if argv else None
+    if plugin is not None:
+        return plugin.load()(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, 'func', None):
         parser.print_help()
         return 2
-    import advprop_zoo  # noqa: F401  registers the models before any command looks them up
-    from .names import UnknownModelError
-    from .export import ExportError
-    from .weights import WeightsError
-    try:
-        return args.func(args)
-    except (UnknownModelError, WeightsError, FileNotFoundError, ValueError, ExportError) as e:
-        print(f'advprop-zoo {args.command}: error: {e}', file=sys.stderr)
-        return 1
+    return run_command(f'advprop-zoo {args.command}', lambda: args.func(args))
 
 
 if __name__ == '__main__':

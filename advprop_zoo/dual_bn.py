@@ -27,11 +27,28 @@ from torch import nn
 from timm.layers import SplitBatchNorm2d
 
 __all__ = [
-    'ROUTES', 'DualBatchNorm2d', 'SyncBatchNorm2d', 'SyncDualBatchNorm', 'is_dual_bn', 'to_dual_bn', 'convert_sync_dual_bn',
+    'AUX_KEY', 'aux_key', 'is_aux_key', 'main_key', 'ROUTES', 'DualBatchNorm2d', 'SyncBatchNorm2d', 'SyncDualBatchNorm', 'is_dual_bn', 'to_dual_bn', 'convert_sync_dual_bn',
     'bn_route', 'use_aux_bn',
 ]
 
 ROUTES = ('main', 'aux', 'split')
+AUX_KEY = '.aux_bn.'  # timm SplitBatchNorm2d's namespace for the auxiliary BNs: <bn>.aux_bn.0.<tensor>
+
+
+def aux_key(bn_name: str, tensor: str) -> str:
+    """The state-dict key of an auxiliary BN tensor: ``aux_key('bn1', 'weight')`` -> ``'bn1.aux_bn.0.weight'``."""
+    return f'{bn_name}{AUX_KEY}0.{tensor}'
+
+
+def is_aux_key(key: str) -> bool:
+    """Whether a state-dict key belongs to an auxiliary BN."""
+    return AUX_KEY in key
+
+
+def main_key(key: str) -> str:
+    """The main BN's key an auxiliary key shadows: ``'bn1.aux_bn.0.weight'`` -> ``'bn1.weight'``."""
+    prefix, _, rest = key.partition(AUX_KEY)
+    return prefix + '.' + rest.split('.', 1)[-1]
 
 
 class _DualRouting:

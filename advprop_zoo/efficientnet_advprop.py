@@ -8,14 +8,18 @@ attacker, recorded here so the train loop can find it.
 
 Importing this module (``import advprop_zoo``) registers the models with ``@register_model``.
 """
+import pickle
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List
 
 import torch
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from safetensors import SafetensorError
 from timm.models import generate_default_cfgs, register_model
 from timm.models._efficientnet_builder import BN_EPS_TF_DEFAULT
 from timm.models.efficientnet import EfficientNet, _gen_efficientnet
 
+from .attacks import AttackConfig, paper_steps
 from .names import check_model_name
 from .weights import WeightsError, check_pretrained_source, check_state_dict
 
@@ -35,13 +39,17 @@ PAPER_NAME = 'Adversarial Examples Improve Image Recognition'
 @dataclass(frozen=True)
 class PaperAttacker:
     """The AdvProp paper's PGD attacker: L-inf budget ``eps`` in 0-255 pixel units, step 1,
-    ``eps + 1`` iterations (a single step for eps 1)."""
+    ``eps + 1`` iterations (a single step for eps 1; ``attacks.paper_steps``)."""
     eps: int
     step_size: float = 1.0
 
     @property
     def steps(self) -> int:
-        return 1 if self.eps == 1 else self.eps + 1
+        return paper_steps(self.eps)
+
+    def config(self) -> AttackConfig:
+        """The attack itself: targeted PGD with a random start, as the paper trains with."""
+        return AttackConfig(eps=self.eps, steps=self.steps, step_size=self.step_size)
 
     def __str__(self) -> str:
         return f'PGD{self.steps}_eps{self.eps}'
@@ -194,9 +202,6 @@ def _create(variant: AdvPropVariant, pretrained: bool = False, **kwargs) -> Effi
 
 
 def _is_weights_failure(e: Exception) -> bool:
-    import pickle
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-    from safetensors import SafetensorError
     return isinstance(e, (pickle.UnpicklingError, SafetensorError, LocalEntryNotFoundError, HfHubHTTPError,
                           FileNotFoundError))
 

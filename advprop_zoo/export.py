@@ -1,66 +1,28 @@
 """Export: a folded, BN-fused model at a fixed input size, to ONNX or TorchScript, checked before it is kept.
 
-The exported graph is the inference model: auxiliary BNs dropped (``fold_dual_bn``), every BN fused
-into its conv and TF 'same' padding made static for the input size (``fuse_bn``), so a runtime gets
+The exported graph is the inference model (``load_model(..., fuse=True)``): auxiliary BNs dropped, every BN
+fused into its conv and TF 'same' padding made static for the input size (``fuse_bn``), so a runtime gets
 plain Conv / activation / pooling / Gemm nodes. The batch dimension stays dynamic. Every export is
 run once against the PyTorch model it came from (ONNX with onnxruntime, TorchScript by loading the
 saved file back) and only written, atomically, when the outputs agree within ``atol``.
 """
 import io
 import warnings
-from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from .fold import fold_state_dict
-from .fuse import fuse_bn
-from .weights import PathLike, WeightsError, atomic_write, load_weights
+from .errors import AdvPropZooError
+from .weights import PathLike, atomic_write, check_output_path
 
-__all__ = ['FORMATS', 'ExportError', 'inference_model', 'export_model', 'check_inputs']
+__all__ = ['FORMATS', 'ExportError', 'export_model', 'check_inputs']
 
 FORMATS = ('onnx', 'torchscript')
 
 
-class ExportError(RuntimeError):
+class ExportError(AdvPropZooError, RuntimeError):
     """An export that failed or whose output disagrees with PyTorch; nothing was written."""
-
-
-def inference_model(
-        model_name: str,
-        checkpoint: Optional[PathLike] = None,
-        input_size: Optional[Sequence[int]] = None,
-        **model_kwargs,
-) -> Tuple[nn.Module, Tuple[int, int, int]]:
-    """Build ``model_name`` for inference: weights from ``checkpoint`` (a plain or dual-BN state dict,
-    checked to fit strictly) or, without one, timm's pretrained weights; auxiliary BNs folded, BNs
-    fused, 'same' padding static for ``input_size`` (C, H, W; default: the model's own).
-    Returns the model (eval mode) and the input size used."""
-    import timm
-    from .names import check_model_name
-
-    model_name = check_model_name(model_name)
-    if checkpoint is not None:
-        state_dict = load_weights(checkpoint)
-        model = timm.create_model(model_name, **model_kwargs)
-        model.load_state_dict(fold_state_dict(state_dict, model))
-    else:
-        model = timm.create_model(model_name, pretrained=True, **model_kwargs)
-    input_size = _input_size(input_size, model)
-    return fuse_bn(model, input_size=input_size), input_size
-
-
-def _input_size(input_size: Optional[Sequence[int]], model: nn.Module) -> Tuple[int, int, int]:
-    default = tuple(getattr(model, 'pretrained_cfg', {}).get('input_size') or (3, 224, 224))
-    if input_size is None:
-        return default
-    size = tuple(input_size)
-    if len(size) in (1, 2):
-        size = (default[0],) + (size * 2 if len(size) == 1 else size)
-    if len(size) != 3 or not all(isinstance(s, int) and s > 0 for s in size):
-        raise ValueError(f'input size must be H, H W or C H W (positive ints), got {" ".join(map(str, input_size))}')
-    return size
 
 
 def check_inputs(input_size: Sequence[int], batch_size: int = 2, seed: int = 0) -> torch.Tensor:
@@ -87,7 +49,7 @@ def _onnx_bytes(model: nn.Module, example: torch.Tensor, opset: Optional[int]) -
 
 
 def _onnx_run(blob: bytes, x: torch.Tensor) -> torch.Tensor:
-    import onnxruntime as ort
+    import onnxruntime as ort  # the optional export extra
     session = ort.InferenceSession(blob, providers=['CPUExecutionProvider'])
     return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
 
@@ -118,7 +80,7 @@ def export_model(
         atol: float = 1e-4,
         opset: Optional[int] = None,
 ) -> float:
-    """Export ``model`` (already folded and fused, see ``inference_model``) for inputs of ``input_size``
+    """Export ``model`` (already folded and fused: ``load_model(..., fuse=True)``) for inputs of ``input_size``
     (C, H, W) with a dynamic batch dimension, to ``path`` as ONNX or TorchScript.
 
     The export is run on ``check_inputs`` and compared with the PyTorch model (ONNX through
@@ -127,11 +89,7 @@ def export_model(
     """
     if format not in FORMATS:
         raise ValueError(f'unknown export format {format!r}; use one of {", ".join(FORMATS)}')
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise WeightsError(f'{path}: output exists; pass --force (overwrite=True) to replace it')
-    if not path.parent.is_dir():
-        raise WeightsError(f'{path}: output folder {path.parent} does not exist')
+    path = check_output_path(path, overwrite=overwrite)
     ref = next(model.parameters())
     model.eval()
     x = check_inputs(tuple(input_size)).to(device=ref.device, dtype=ref.dtype)

@@ -8,17 +8,19 @@ so a checkpoint of the wrong architecture fails here, with the key and both shap
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+import timm
 import torch
 from torch import nn
 from timm.layers import BatchNormAct2d
 
-from .dual_bn import (DualBatchNorm2d, SyncBatchNorm2d, SyncDualBatchNorm, _bn_kwargs, _carry_act, _copy_bn_state,
-                      _replace)
-from .weights import PathLike, WeightsError, check_state_dict, load_weights, save_weights
+from .dual_bn import (
+    DualBatchNorm2d, SyncBatchNorm2d, SyncDualBatchNorm, _bn_kwargs, _carry_act, _copy_bn_state, _replace, is_aux_key,
+    main_key,
+)
+from .names import check_model_name
+from .weights import PathLike, WeightsError, check_output_path, check_state_dict, load_weights, save_weights
 
-__all__ = ['AUX_KEY', 'fold_dual_bn', 'fold_state_dict', 'fold_checkpoint']
-
-AUX_KEY = '.aux_bn.'  # timm SplitBatchNorm2d's namespace for the auxiliary BNs
+__all__ = ['fold_dual_bn', 'fold_state_dict', 'fold_checkpoint']
 
 
 def fold_dual_bn(model: nn.Module) -> nn.Module:
@@ -56,16 +58,15 @@ def fold_state_dict(
     """
     folded = {}
     for key, value in state_dict.items():
-        if AUX_KEY not in key:
+        if not is_aux_key(key):
             folded[key] = value
             continue
-        prefix, _, rest = key.partition(AUX_KEY)
-        main_key = prefix + '.' + rest.split('.', 1)[-1]  # bn1.aux_bn.0.weight -> bn1.weight
-        if main_key not in state_dict:
-            raise WeightsError(f'auxiliary BN entry {key!r} has no main BN entry {main_key!r}')
-        if tuple(state_dict[main_key].shape) != tuple(value.shape):
+        main = main_key(key)
+        if main not in state_dict:
+            raise WeightsError(f'auxiliary BN entry {key!r} has no main BN entry {main!r}')
+        if tuple(state_dict[main].shape) != tuple(value.shape):
             raise WeightsError(f'auxiliary BN entry {key!r} has shape {tuple(value.shape)}, its main BN entry '
-                               f'{main_key!r} {tuple(state_dict[main_key].shape)}')
+                               f'{main!r} {tuple(state_dict[main].shape)}')
     if model is not None:
         check_state_dict(folded, model)
     return folded
@@ -84,15 +85,8 @@ def fold_checkpoint(
     Everything is checked before ``dst`` is written, and it is written atomically, so a failure leaves
     no file. Returns ``(dst, tensors kept, auxiliary tensors dropped)``.
     """
-    import timm
-    from .names import check_model_name
-
     model_name = check_model_name(model_name)
-    dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise WeightsError(f'{dst}: output exists; pass --force (overwrite=True) to replace it')
-    if not dst.parent.is_dir():
-        raise WeightsError(f'{dst}: output folder {dst.parent} does not exist')
+    dst = check_output_path(dst, overwrite=overwrite)
     state_dict = load_weights(src)
     with torch.device('meta'):  # shapes only: no memory, no init time
         model = timm.create_model(model_name, **model_kwargs)

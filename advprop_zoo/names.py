@@ -5,10 +5,12 @@ from typing import Iterable, Optional
 
 import timm
 
+from .errors import AdvPropZooError
+
 __all__ = ['UnknownModelError', 'check_model_name']
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(AdvPropZooError, ValueError):
     """A model name that is not in timm's registry (after ``import advprop_zoo``)."""
 
 

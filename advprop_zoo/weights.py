@@ -4,8 +4,10 @@ Everything that reads or writes weights goes through here so that a truncated fi
 code in it or a state dict of the wrong model fails once, early, with a message that names the file,
 the key and both shapes, and so that a crash mid-write never leaves a file that loads but is wrong.
 """
+import hashlib
 import json
 import os
+import pickle
 import struct
 import sys
 import tempfile
@@ -16,17 +18,27 @@ from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Tuple, Unio
 
 import numpy as np
 import torch
+from huggingface_hub import constants as hf_constants, try_to_load_from_cache
+from safetensors.torch import load_file, save_file
+from timm.models import resolve_pretrained_cfg
+from timm.models._builder import _resolve_pretrained_source  # timm's own resolution order
+from timm.models._hub import _EXT_PRIORITY, _PREFERRED_FILES
+
+from .errors import AdvPropZooError
 
 __all__ = [
     'WeightsError', 'read_safetensors_header', 'check_weights_file', 'load_weights', 'save_weights', 'SafetensorsWriter',
-    'atomic_write', 'sha256_file', 'check_state_dict', 'check_pretrained_source', 'cached_weights_path',
+    'atomic_write', 'check_output_path', 'sha256_file', 'check_state_dict', 'check_pretrained_source',
+    'cached_weights_path', 'local_dir_weights', 'current_umask',
 ]
 
 PathLike = Union[str, os.PathLike]
 _HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+_SAFETENSORS_ITEMSIZE = {'BOOL': 1, 'U8': 1, 'I8': 1, 'F8_E5M2': 1, 'F8_E4M3': 1, 'I16': 2, 'U16': 2, 'F16': 2,
+                         'BF16': 2, 'F8_E8M0': 1, 'I32': 4, 'U32': 4, 'F32': 4, 'I64': 8, 'U64': 8, 'F64': 8}
 
 
-class WeightsError(RuntimeError):
+class WeightsError(AdvPropZooError, RuntimeError):
     """A weight file or state dict that cannot be used, with the reason in one line."""
 
 
@@ -54,16 +66,31 @@ def read_safetensors_header(path: PathLike) -> Dict[str, Any]:
             raise WeightsError(f'{path}: corrupt safetensors header ({e})') from None
     if not isinstance(header, dict):
         raise WeightsError(f'{path}: corrupt safetensors header (not a JSON object)')
-    end = 0
+    spans = []
     for key, entry in header.items():
         if key == '__metadata__':
             continue
         try:
             start, stop = entry['data_offsets']
-            entry['shape'], entry['dtype']
+            shape, dtype = list(entry['shape']), entry['dtype']
+            ok = all(isinstance(v, int) and v >= 0 for v in [start, stop, *shape])
         except (TypeError, KeyError, ValueError):
-            raise WeightsError(f'{path}: corrupt safetensors header entry for {key!r}') from None
-        end = max(end, stop)
+            ok = False
+        if not ok:
+            raise WeightsError(f'{path}: corrupt safetensors header entry for {key!r}')
+        if dtype not in _SAFETENSORS_ITEMSIZE:
+            raise WeightsError(f'{path}: tensor {key!r} has unknown dtype {dtype!r} in its safetensors header')
+        nbytes = int(np.prod(shape, dtype=np.int64)) * _SAFETENSORS_ITEMSIZE[dtype]
+        if stop - start != nbytes:
+            raise WeightsError(f'{path}: corrupt safetensors header: {key!r} is {dtype} {tuple(shape)} ({nbytes} bytes) '
+                               f'but its data offsets span {stop - start} bytes')
+        spans.append((start, stop, key))
+    end = 0
+    for start, stop, key in sorted(spans):
+        if start != end:
+            raise WeightsError(f'{path}: corrupt safetensors header: the data of {key!r} starts at byte {start}, '
+                               f'expected {end} (tensors overlap or leave a gap)')
+        end = stop
     data = size - 8 - n
     if end != data:
         what = 'truncated' if end > data else 'has trailing bytes'
@@ -90,9 +117,7 @@ def load_weights(path: PathLike, device: Union[str, torch.device] = 'cpu') -> Di
     """
     path = check_weights_file(path)
     if path.suffix == '.safetensors':
-        from safetensors.torch import load_file
         return load_file(str(path), device=str(device))
-    import pickle
     try:
         obj = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -114,9 +139,7 @@ def load_weights(path: PathLike, device: Union[str, torch.device] = 'cpu') -> Di
 def atomic_write(path: PathLike, mode: str = 'wb') -> Iterator[Any]:
     """Write ``path`` through a temp file in the same folder, fsync it, then rename over the target,
     so readers see the old file or the complete new one, never a partial one."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise WeightsError(f'{path}: output folder {path.parent} does not exist')
+    path = check_output_path(path, overwrite=True, probe=False)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
     os.close(fd)
     try:
@@ -125,14 +148,35 @@ def atomic_write(path: PathLike, mode: str = 'wb') -> Iterator[Any]:
             f.flush()
             os.fsync(f.fileno())
         # mkstemp (and writers that recreate the file by name) leave 0600: give it the umask's permissions
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _umask() -> int:
+def check_output_path(path: PathLike, overwrite: bool = False, probe: bool = True) -> Path:
+    """Fail before the slow part, not after, if ``path`` cannot become an output file: it exists (unless
+    ``overwrite``), it is a folder, its folder is missing or (``probe``) not writable. Every command that
+    writes a file checks its target here first."""
+    path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f'{path}: is a folder; name the output file')
+    if path.exists() and not overwrite:
+        raise WeightsError(f'{path}: output exists; pass --force (overwrite=True) to replace it')
+    if not path.parent.is_dir():
+        raise WeightsError(f'{path}: output folder {path.parent} does not exist')
+    if probe:
+        try:
+            with tempfile.TemporaryFile(dir=path.parent):
+                pass
+        except OSError as e:
+            raise WeightsError(f'{path}: cannot write to {path.parent} ({e.strerror or e})') from None
+    return path
+
+
+def current_umask() -> int:
+    """The process's umask (files written through a temp file get the permissions a plain open would)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -143,7 +187,6 @@ def sha256_file(path: PathLike, stop: Optional[threading.Event] = None) -> str:
     a fresh chunk per read is a fresh mapping to page-fault in (B8's 670 MB checkpoint: 0.59 s instead
     of 0.63..0.72 s). hashlib drops the GIL while hashing, so a thread can hash beside other work;
     ``stop`` set: give up early (for a result no longer wanted)."""
-    import hashlib
     h, buf = hashlib.sha256(), bytearray(1 << 20)
     view = memoryview(buf)
     with open(path, 'rb', buffering=0) as f:
@@ -160,7 +203,6 @@ def save_weights(
     """Save tensors as safetensors, atomically; shared storage and non-contiguous views are handled.
     safetensors streams the tensors' memory into the temp file, so no second copy of the weights is
     made (a B8 state dict is 350 MB)."""
-    from safetensors.torch import save_file
     tensors = {}
     for key, value in state_dict.items():
         t = value.detach().to('cpu').contiguous()
@@ -300,6 +342,10 @@ def check_state_dict(
             raise WeightsError(
                 f'shape mismatch for {key!r}: weights have {tuple(tensor.shape)}, model '
                 f'{type(model).__name__} expects {tuple(target[key].shape)}' + _more(n))
+    for key, tensor in state_dict.items():  # load_state_dict would cast an int tensor into a float one silently
+        if key in target and key not in ignore and target[key].is_floating_point() and not tensor.is_floating_point():
+            raise WeightsError(f'{key!r} holds {str(tensor.dtype).replace("torch.", "")} values; the model\'s '
+                               f'{str(target[key].dtype).replace("torch.", "")} tensor needs floating-point weights')
     missing = [k for k in target if k not in state_dict and k not in ignore]
     if missing:
         raise WeightsError(f'weights lack {missing[0]!r} that the model expects' + _more(len(missing)))
@@ -315,7 +361,6 @@ def _more(n: int) -> str:
 def cached_weights_path(hf_hub_id: str, filename: str = 'model.safetensors',
                         cache_dir: Optional[PathLike] = None) -> Optional[Path]:
     """Path of a Hub file in the local huggingface_hub cache, or None; never touches the network."""
-    from huggingface_hub import try_to_load_from_cache
     repo_id, _, revision = hf_hub_id.partition('@')
     found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision or None)
     return Path(found) if isinstance(found, str) else None
@@ -327,9 +372,8 @@ def _check_local_weights(path: Path) -> None:
         load_weights(path)  # a pickle: prove it unpickles with weights_only=True before timm touches it
 
 
-def _local_dir_weights(folder: Path) -> Optional[Path]:
+def local_dir_weights(folder: Path) -> Optional[Path]:
     """The file timm's ``local-dir:`` loader will pick, in timm's own preference order."""
-    from timm.models._hub import _EXT_PRIORITY, _PREFERRED_FILES
     for name in _PREFERRED_FILES:
         if (folder / name).is_file():
             return folder / name
@@ -354,9 +398,6 @@ def check_pretrained_source(
     they cannot be had: a missing or truncated local file, an empty ``local-dir:`` folder, or Hub
     weights that are not in the cache while ``HF_HUB_OFFLINE`` is set.
     Returns timm's ``(source, location)``."""
-    from huggingface_hub import constants
-    from timm.models import resolve_pretrained_cfg
-    from timm.models._builder import _resolve_pretrained_source  # timm's own resolution order
 
     cfg = resolve_pretrained_cfg(model_name, pretrained_cfg=pretrained_cfg,
                                  pretrained_cfg_overlay=pretrained_cfg_overlay).to_dict()
@@ -369,7 +410,7 @@ def check_pretrained_source(
         folder = Path(loc)
         if not folder.is_dir():
             raise WeightsError(f'{folder}: local-dir weights folder does not exist')
-        found = _local_dir_weights(folder)
+        found = local_dir_weights(folder)
         if found is None:
             raise WeightsError(f'{folder}: no weights file (model.safetensors) in local-dir folder')
         _check_local_weights(found)
@@ -379,8 +420,8 @@ def check_pretrained_source(
         cached = cached_weights_path(repo, filename, cache_dir=cache_dir or None)
         if cached is not None:
             check_weights_file(cached)
-        elif constants.HF_HUB_OFFLINE:
-            where = cache_dir or constants.HF_HUB_CACHE
+        elif hf_constants.HF_HUB_OFFLINE:
+            where = cache_dir or hf_constants.HF_HUB_CACHE
             raise WeightsError(
                 f'{model_name}: pretrained weights {repo}/{filename} are not in the Hugging Face cache ({where}) '
                 f'and HF_HUB_OFFLINE is set; download them once online, or {how}')

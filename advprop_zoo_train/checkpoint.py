@@ -17,8 +17,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+import numpy as np
 import torch
 
+from advprop_zoo.errors import AdvPropZooError
 from advprop_zoo.weights import check_state_dict, load_weights, save_weights, sha256_file
 
 __all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'latest_checkpoint', 'rng_state',
@@ -28,13 +30,12 @@ FORMAT = 1
 _PREFIX = 'step-'
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(AdvPropZooError, RuntimeError):
     """A checkpoint that cannot be resumed from, with the reason in one line."""
 
 
 def rng_state() -> Dict[str, Any]:
     """Every RNG the run draws from, as tensors and plain Python (``weights_only``-loadable)."""
-    import numpy as np
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         'python': list(_to_list(random.getstate())),
@@ -48,7 +49,7 @@ def rng_state() -> Dict[str, Any]:
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
-    import numpy as np
+    """Restore what ``rng_state`` recorded (CUDA's only where this process has CUDA)."""
     random.setstate(_to_tuple(state['python']))
     n = state['numpy']
     np.random.set_state((n['kind'], n['keys'].numpy().astype('uint32'), n['pos'], n['has_gauss'], n['gauss']))

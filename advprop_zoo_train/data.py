@@ -15,8 +15,13 @@ import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
+import numpy as np
 import torch
+from PIL import Image
+from timm.data import create_dataset, create_loader, create_transform
 from torch.utils.data import Dataset, Sampler
+
+from advprop_zoo.errors import AdvPropZooError
 
 __all__ = ['DataError', 'check_image_folder', 'digits_folder', 'create_loaders', 'ResumableSampler',
            'SeededDataset']
@@ -25,7 +30,7 @@ IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.ppm', '.webp', '.tif', '.ti
 DIGITS_SIZE = 32  # sklearn's 8x8 digits, upsampled so a real EfficientNet stem has room
 
 
-class DataError(ValueError):
+class DataError(AdvPropZooError, ValueError):
     """A dataset folder that cannot be trained or evaluated on, with the reason in one line."""
 
 
@@ -69,12 +74,10 @@ def resolve_splits(data_dir: os.PathLike) -> Tuple[Path, Path, List[str]]:
 def digits_folder(cache_dir: Optional[os.PathLike] = None) -> Path:
     """scikit-learn's handwritten digits (1,797 real 8x8 scans, 10 classes) as an RGB ImageFolder with a
     fixed 80/20 train/val split, upsampled to 32x32; written once, atomically, under the cache."""
-    from PIL import Image
-    try:
+    try:  # optional (the [train] extra), and only the demo needs it
         from sklearn.datasets import load_digits
     except ImportError:
         raise DataError('the embedded dataset needs scikit-learn: pip install "advprop-zoo[train]"') from None
-    import numpy as np
 
     base = Path(cache_dir or os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'advprop-zoo'
     root = base / f'digits{DIGITS_SIZE}'
@@ -144,7 +147,6 @@ class SeededDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: Tuple[int, int]):
-        import numpy as np
         epoch, index = key
         h = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
         saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
@@ -161,8 +163,6 @@ class SeededDataset(Dataset):
 
 def create_loaders(args, data_config: Dict, rank: int = 0, world_size: int = 1):
     """Train loader (resumable, seeded) and timm eval loader for ``args.data_dir``."""
-    from timm.data import create_dataset, create_loader, create_transform
-
     train_dir, val_dir, classes = resolve_splits(args.data_dir)
     common = dict(input_size=data_config['input_size'], interpolation=data_config['interpolation'],
                   mean=data_config['mean'], std=data_config['std'])

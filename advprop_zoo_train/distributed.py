@@ -7,12 +7,13 @@ collective timeout so a rank that dies ends the others with an error instead of 
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, List, Sequence
 
 import torch
 import torch.distributed as dist
+from timm.utils import reduce_tensor
 
-__all__ = ['DistInfo', 'init_distributed', 'all_reduce_sum', 'cleanup']
+__all__ = ['DistInfo', 'init_distributed', 'all_reduce_sum', 'all_gather', 'cleanup']
 
 
 @dataclass(frozen=True)
@@ -50,15 +51,24 @@ def init_distributed(device: str, timeout_s: float = 600.0) -> DistInfo:
     return DistInfo(rank, local_rank, world_size, dev)
 
 
-def all_reduce_sum(values: Sequence[float], info: DistInfo) -> list:
-    """Sum a few numbers over all ranks (identity in a single process)."""
+def all_reduce_sum(values: Sequence[float], info: DistInfo) -> List[float]:
+    """Sum a few numbers over all ranks (identity in a single process), in float64 so image counts stay exact."""
     if not info.distributed:
         return list(values)
-    t = torch.tensor(list(values), dtype=torch.float64, device=info.device)
-    dist.all_reduce(t)
-    return t.tolist()
+    # timm's reduce_tensor sums then divides by n: n = 1 is the plain sum
+    return reduce_tensor(torch.tensor(list(values), dtype=torch.float64, device=info.device), 1).tolist()
+
+
+def all_gather(obj: Any, info: DistInfo) -> Any:
+    """Every rank's ``obj`` (a list indexed by rank) in a distributed run, ``obj`` itself otherwise."""
+    if not info.distributed:
+        return obj
+    objs = [None] * info.world_size
+    dist.all_gather_object(objs, obj)
+    return objs
 
 
 def cleanup(info: DistInfo) -> None:
+    """Leave the process group, if this process joined one."""
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()

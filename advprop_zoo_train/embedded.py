@@ -11,6 +11,14 @@ import time
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+from advprop_zoo.attacks import AttackConfig
+from advprop_zoo.eval.accuracy import evaluate_accuracy
+from advprop_zoo.eval.corruptions import TENSOR_CORRUPTIONS
+from advprop_zoo.table import format_table
+
+from .args import build_parser
+from .loop import TrainResult, train
+
 __all__ = ['DEMO_ARGS', 'DEMO_MODES', 'run_embedded']
 
 DEMO_MODES = ('vanilla', 'advprop', 'adv-train')
@@ -24,16 +32,14 @@ DEMO_ARGS = [
 EVAL_ATTACK = dict(eps=4.0, steps=5, step_size=1.0, targeted=False)  # PGD-5, eps 4: the paper's strongest
 
 
-def _evaluate_robustness(result, seed: int) -> Dict[str, float]:
-    from advprop_zoo.attacks import AttackConfig
-    from advprop_zoo.corruptions import CORRUPTIONS
-    from advprop_zoo.evaluate import evaluate_accuracy
+def _evaluate_robustness(result: TrainResult, seed: int) -> Dict[str, float]:
+    """Clean top-1, top-1 under the PGD of ``EVAL_ATTACK``, and mean top-1 over every corruption and severity."""
     mean, std = result.data_config['mean'], result.data_config['std']
     model, loader = result.model, result.val_loader
     clean = evaluate_accuracy(model, loader, mean, std, seed=seed)['top1']
     pgd = evaluate_accuracy(model, loader, mean, std, attack_cfg=AttackConfig(**EVAL_ATTACK), seed=seed)['top1']
     corrupted = [evaluate_accuracy(model, loader, mean, std, corruption=(name, sev), seed=seed)['top1']
-                 for name in CORRUPTIONS for sev in range(1, 6)]
+                 for name in TENSOR_CORRUPTIONS for sev in range(1, 6)]
     return {'clean': clean, 'pgd': pgd, 'corrupt': sum(corrupted) / len(corrupted)}
 
 
@@ -41,9 +47,6 @@ def run_embedded(argv: Sequence[str] = ()) -> int:
     """Train and evaluate each demo mode (or only ``--mode`` when given) for ``--seeds`` seeds and print
     the table (mean ± std over seeds when there are several). Flags in ``argv`` override the demo's
     defaults, so ``advprop-zoo train --epochs 3`` is a shorter demo. Returns 0."""
-    from advprop_zoo.table import format_table
-    from .main import build_parser, train
-
     user = build_parser().parse_args([*DEMO_ARGS, *argv])
     modes = (user.mode,) if user.mode else DEMO_MODES
     seeds = range(user.seed, user.seed + max(1, user.seeds))

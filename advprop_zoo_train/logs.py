@@ -11,7 +11,10 @@ __all__ = ['RunLog']
 
 class RunLog:
     """``log.csv`` grows one row per epoch (flushed, so a crashed run keeps its history); ``summary.json``
-    and ``curves.png`` are written atomically at the end."""
+    and ``curves.png`` are written atomically at the end.
+
+    Not timm's ``update_summary``: it prefixes every column ``train_`` / ``eval_`` and puts ``lr`` last (the
+    log.csv columns are a file format), and a resumed run rewrites the log from its checkpoint's rows."""
 
     def __init__(self, folder: Path, enabled: bool = True):
         self.folder = Path(folder)
@@ -25,6 +28,7 @@ class RunLog:
             self.append(row)
 
     def append(self, row: Dict[str, Any]) -> None:
+        """Add one epoch's row; the first row (re)writes log.csv with its header."""
         if not self.enabled:
             self.rows.append(row)
             return
@@ -38,6 +42,7 @@ class RunLog:
         self.rows.append(row)
 
     def write_summary(self, summary: Dict[str, Any]) -> Path:
+        """``summary.json``: ``summary`` plus every epoch's row."""
         path = self.folder / 'summary.json'
         with atomic_write(path, 'w') as f:
             json.dump({**summary, 'epochs_log': self.rows}, f, indent=2, default=str)
@@ -45,7 +50,7 @@ class RunLog:
 
     def plot(self, title: str = '') -> Optional[str]:
         """Loss and validation top-1 against epoch; None (and no file) without matplotlib."""
-        try:
+        try:  # optional (the [train] extra): without it a run has no plot, nothing else changes
             import matplotlib
             matplotlib.use('Agg')
             import matplotlib.pyplot as plt

@@ -24,7 +24,7 @@ import timm  # noqa: E402
 
 import advprop_zoo  # noqa: E402,F401
 from advprop_zoo.attacks import AttackConfig, attack  # noqa: E402
-from advprop_zoo.eval_suite import prepare_eval_model  # noqa: E402
+from advprop_zoo.eval.suite import prepare_eval_model  # noqa: E402
 from advprop_zoo.table import format_table  # noqa: E402
 from benchmarks.cpu_setup import add_cpu_args, apply_cpu_args, cpu_time_is_the_clock  # noqa: E402
 

@@ -36,8 +36,8 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import advprop_zoo  # noqa: E402,F401
-from advprop_zoo.eval_data import imagenet_synsets  # noqa: E402
-from advprop_zoo.eval_suite import AMP_DTYPES, EvalConfig, run_eval  # noqa: E402
+from advprop_zoo.eval.datasets import imagenet_synsets  # noqa: E402
+from advprop_zoo.eval.suite import AMP_DTYPES, EvalConfig, run_eval  # noqa: E402
 from advprop_zoo.table import format_table  # noqa: E402
 
 

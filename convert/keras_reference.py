@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Set
 
 import numpy as np
+import timm
 import torch
 
 from advprop_zoo.efficientnet_advprop import VARIANTS
+from advprop_zoo.fold import fold_state_dict
 from advprop_zoo.weights import WeightsError
 
 __all__ = ['TOLERANCE', 'Verification', 'keras_efficientnet', 'keras_variable_names', 'verify_against_keras']
@@ -98,7 +100,6 @@ def verify_against_keras(read: Callable[[str], np.ndarray], tf_names: Set[str], 
 
     Fails when Keras needs a variable other than ``tf_names`` (the ones the conversion filled the timm
     model from), or the logits differ by more than TOLERANCE, or the top-1 classes disagree."""
-    import timm
     keras_model = keras_efficientnet(level)
     keras_names = keras_variable_names(keras_model)
     used = {n for names in keras_names.values() for n in names}
@@ -108,7 +109,7 @@ def verify_against_keras(read: Callable[[str], np.ndarray], tf_names: Set[str], 
     for layer_name, names in keras_names.items():
         keras_model.get_layer(layer_name).set_weights([read(n) for n in names])
     model = timm.create_model(model_name, pretrained=False).eval()
-    model.load_state_dict({k: v for k, v in state_dict.items() if '.aux_bn.' not in k}, strict=True)
+    model.load_state_dict(fold_state_dict(state_dict), strict=True)
     v = VARIANTS[level]
     x = torch.rand(BATCH, 3, v.res, v.res, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():

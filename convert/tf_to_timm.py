@@ -24,28 +24,34 @@ if __package__ in (None, ''):  # run as a script: make the repo root importable 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+import timm  # noqa: E402
 import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from timm.models._hub import save_config_for_hf  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
+from advprop_zoo.dual_bn import aux_key, is_aux_key  # noqa: E402
 from advprop_zoo.efficientnet_advprop import VARIANTS  # noqa: E402
+from advprop_zoo.errors import AdvPropZooError, describe_error, run_command  # noqa: E402
 from advprop_zoo.names import check_model_name  # noqa: E402
-from advprop_zoo.weights import SafetensorsWriter, WeightsError, atomic_write, check_state_dict  # noqa: E402
+from advprop_zoo.table import format_table  # noqa: E402
+from advprop_zoo.weights import (  # noqa: E402
+    SafetensorsWriter, WeightsError, atomic_write, check_output_path, check_state_dict,
+)
 from convert import __version__  # noqa: E402
-from convert.tf_checkpoint import EMA_SUFFIX, Checkpoint, is_bookkeeping, open_checkpoint  # noqa: E402
+from convert.tf_checkpoint import (  # noqa: E402
+    EMA_SUFFIX, TARBALL_SUFFIXES, Checkpoint, is_bookkeeping, open_checkpoint,
+)
 from convert.tf_names import BN_VARIABLES, VECTOR, TFTensor, tf_name_map, tf_to_timm_layout  # noqa: E402
 
 if TYPE_CHECKING:
     from convert.keras_reference import Verification
 
-__all__ = ['ConversionResult', 'convert', 'convert_batch', 'model_for_checkpoint', 'aux_bn_key', 'main']
+__all__ = ['ConversionResult', 'convert', 'convert_batch', 'model_for_checkpoint', 'main']
 
 FAMILIES = {'advprop': 'efficientnet_b{}_advprop', 'tf': 'tf_efficientnet_b{}'}
 _LEVEL = re.compile(r'(?:efficientnet_b(\d)_advprop|tf_efficientnet_b(\d))')
 _BN_LEAVES = tuple(BN_VARIABLES.values())
-
-
-def aux_bn_key(bn_module: str, tensor: str) -> str:
-    """Dual-BN key of the auxiliary BN beside ``bn_module`` (timm's SplitBatchNorm2d naming, 2 splits)."""
-    return f'{bn_module}.aux_bn.0.{tensor}'
 
 
 @dataclass
@@ -108,7 +114,6 @@ class _SkipInit(torch.overrides.TorchFunctionMode):
 @lru_cache(maxsize=None)
 def _meta_model(model_name: str) -> torch.nn.Module:
     """The model's structure only: names and shapes without allocating weights (built once per name)."""
-    import timm
     with torch.device('meta'), _SkipInit():
         return timm.create_model(model_name.split('.', 1)[0])
 
@@ -140,7 +145,6 @@ def model_for_checkpoint(scope: str, found: Dict[str, Tuple[int, ...]], family: 
 
 def _check_model(name: str) -> str:
     """A B-series model name, optionally with a pretrained tag (whose cfg, mean/std included, config.json records)."""
-    import timm
     base = check_model_name(name)
     if _level(base) is None:
         raise WeightsError(f'--model {name}: this converter handles the B-series EfficientNets only '
@@ -270,12 +274,12 @@ def _plan(chosen: Dict[str, str], shapes: Dict[str, Tuple[int, ...]], expected: 
     """Every output tensor in file order: the BN step counters first (8-byte values at 8-aligned
     offsets), then the weights in the model's order, then the auxiliary BNs."""
     plan = [_Entry(k, (), 'int64') for k in model_keys if k.endswith('.num_batches_tracked')]
-    plan += [_Entry(aux_bn_key(bn, 'num_batches_tracked'), (), 'int64') for _, bn in sorted(aux.items())]
+    plan += [_Entry(aux_key(bn, 'num_batches_tracked'), (), 'int64') for _, bn in sorted(aux.items())]
     plan += [_Entry(e.timm_key, e.shape, tf_name=chosen[e.tf_name], layout=e.layout) for e in expected]
     for layer, bn in sorted(aux.items()):
         for tensor, var in BN_VARIABLES.items():
             name = chosen[f'{layer}/{var}']
-            plan.append(_Entry(aux_bn_key(bn, tensor), tuple(shapes[name]), tf_name=name))
+            plan.append(_Entry(aux_key(bn, tensor), tuple(shapes[name]), tf_name=name))
     return plan
 
 
@@ -290,25 +294,8 @@ def _arrays(ckpt: Checkpoint, plan: Sequence[_Entry], reuse: bool = False) -> It
             yield e.key, tf_to_timm_layout(_read(ckpt, e.tf_name), e.layout, out=scratch)
 
 
-def _check_output(path: Path, force: bool) -> None:
-    """Fail before the slow part, not after: an existing file (without --force) or a folder we cannot write."""
-    if path.exists() and not force:
-        raise WeightsError(f'{path}: already exists; pass --force to overwrite it')
-    if path.is_dir():
-        raise WeightsError(f'{path}: is a folder; name the output file')
-    if not path.parent.is_dir():
-        raise WeightsError(f'{path}: output folder {path.parent} does not exist')
-    try:
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as e:
-        raise WeightsError(f'{path}: cannot write to {path.parent} ({e.strerror or e})') from None
-
-
 def _write_config(model_name: str, path: Path) -> None:
     """timm's own config.json (what ``local-dir:`` and the Hub read), written atomically."""
-    import timm
-    from timm.models._hub import save_config_for_hf
     with torch.device('meta'):
         model = timm.create_model(model_name)  # with its tag: the tag's pretrained cfg goes into config.json
     with tempfile.TemporaryDirectory() as tmp:
@@ -354,7 +341,7 @@ def convert(
                 out.parent.mkdir(parents=True, exist_ok=True)
             for path in (out, out.parent / 'config.json' if config else None):
                 if path is not None:
-                    _check_output(path, force)
+                    check_output_path(path, overwrite=force)
         return out, out.parent / 'config.json' if out is not None and config else None
 
     if not templated:
@@ -376,7 +363,7 @@ def convert(
         plan = _plan(chosen, ckpt.shapes, expected, aux, list(meta.state_dict()))
         # timm's own keys and shapes, every one, before anything is read
         check_state_dict({e.key: torch.empty(e.shape, device='meta') for e in plan}, meta,
-                         ignore=[e.key for e in plan if '.aux_bn.' in e.key])
+                         ignore=[e.key for e in plan if is_aux_key(e.key)])
         lap('structure')
         result = ConversionResult(Path(checkpoint), model, scope, ema, weights=len(chosen), aux_bns=len(aux),
                                   ignored=len(ckpt.shapes) - len(chosen))
@@ -413,7 +400,6 @@ def convert(
                     writer.write(key, array)
                 lap('read+write')
                 if verify:
-                    from safetensors.torch import load_file
                     check(load_file(str(writer.temp_path)))
                     lap('verify')
                 metadata['source_sha256'] = json.dumps(ckpt.source_sha256(), sort_keys=True)
@@ -440,9 +426,7 @@ def convert(
 def convert_batch(folder: os.PathLike, output_dir: os.PathLike, **kwargs) -> Tuple[List[List[str]], int]:
     """Convert every tarball in ``folder`` to ``output_dir/<model>/model.safetensors`` (timm's
     ``local-dir:`` layout) under one progress bar; returns the summary rows and how many failed."""
-    from tqdm import tqdm
 
-    from convert.tf_checkpoint import TARBALL_SUFFIXES
     folder, output_dir = Path(folder), Path(output_dir)
     if not folder.is_dir():
         raise WeightsError(f'{folder}: no such folder')
@@ -462,9 +446,9 @@ def convert_batch(folder: os.PathLike, output_dir: os.PathLike, **kwargs) -> Tup
             rows.append([tarball.name, r.model, 'EMA' if r.ema else 'raw', r.aux_bns,
                          f'{v.max_abs_diff:.1e}' if v else '-', f'{v.top1_agree}/{v.n}' if v else '-',
                          str(r.output)])
-        except WeightsError as e:
+        except (AdvPropZooError, OSError) as e:
             failed += 1
-            rows.append([tarball.name, '-', '-', '-', '-', '-', f'FAILED: {e}'])
+            rows.append([tarball.name, '-', '-', '-', '-', '-', f'FAILED: {describe_error(e)}'])
     return rows, failed
 
 
@@ -513,11 +497,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.batch and args.model:
         parser.error('--model names one checkpoint\'s model; --batch infers each tarball\'s (see --family)')
-    from advprop_zoo.names import UnknownModelError
-    from advprop_zoo.table import format_table
     kwargs = dict(model=args.model, use_ema=not args.no_ema, verify=args.verify, config=args.config,
                   force=args.force, family=args.family)
-    try:
+    def run() -> int:
         if args.batch:
             rows, failed = convert_batch(args.batch, args.output, **kwargs)
             print(format_table(['tarball', 'model', 'weights', 'aux BNs', 'max |Δlogit|', 'top-1 agree', 'output'],
@@ -529,10 +511,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result = convert(args.checkpoint, args.output, **kwargs)
         print('\n'.join(result.lines()))
         return 0
-    except (WeightsError, UnknownModelError) as e:
-        print(f'tf_to_timm.py: error: {e}', file=sys.stderr)
-        return 1
 
+    return run_command('tf_to_timm.py', run)
 
 if __name__ == '__main__':
     sys.exit(main())

@@ -12,8 +12,10 @@ installed; ``python hub/publish.py --help`` is the entry point. The modules:
 - ``publish``      the command line: one weights file, or a folder of converted B0-B8 files
 """
 
+from advprop_zoo.errors import AdvPropZooError
+
 __version__ = '1.0.0'  # recorded in every card; bump when staged folders would change
 
 
-class PublishError(RuntimeError):
+class PublishError(AdvPropZooError, RuntimeError):
     """An input or step that stops a publish, with the reason in one line."""

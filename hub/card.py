@@ -9,11 +9,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence
 
+from timm.models._hub import generate_readme
+
 from advprop_zoo.efficientnet_advprop import PAPER_ID, AdvPropVariant
 from advprop_zoo.table import format_table
 
 from hub import PublishError, __version__
-from hub.eval_results import CORRUPTIONS, EvalResults, Metric
+from hub.eval_results import EvalResults, Metric
 
 __all__ = ['CardInputs', 'model_card', 'merged_metrics', 'CITATIONS']
 
@@ -253,10 +255,10 @@ def _evaluation(c: CardInputs) -> str:
              if all(r.schema for r in c.eval_results) else 'Values are in the units of the file they come from.')
     text = ('\n## Evaluation\n\nEvery number below is copied, as written, from these evaluation results; nothing '
             f'else is reported. {units}\n\n' + '\n'.join(_source_line(r, c) for r in c.eval_results) + '\n\n')
-    main = [[m.dataset, m.name, str(m.value)] for m in metrics if m.group != CORRUPTIONS]  # str: no rounding
+    main = [[m.dataset, m.name, str(m.value)] for m in metrics if not m.per_corruption]  # str: no rounding
     if main:
         text += format_table(['dataset', 'metric', 'value'], main, align='llr') + '\n'
-    per = [m for m in metrics if m.group == CORRUPTIONS]
+    per = [m for m in metrics if m.per_corruption]
     if per:
         text += ('\nImageNet-C by corruption (mean error over the severities, and CE: error relative to '
                  'AlexNet\'s):\n\n' + format_table(['metric', 'value'], [[m.name, str(m.value)] for m in per],
@@ -266,7 +268,6 @@ def _evaluation(c: CardInputs) -> str:
 
 def model_card(c: CardInputs) -> str:
     """The README.md text: timm's front matter and sections, AdvProp's facts, measured metrics only."""
-    from timm.models._hub import generate_readme
     card = {
         'tags': ['image-classification', 'timm', 'efficientnet', 'advprop', 'adversarial-training'],
         'license': 'apache-2.0',

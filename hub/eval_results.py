@@ -4,13 +4,11 @@ A card must never show a number that was not measured, so nothing here computes,
 each value is the JSON's own, and anything that is not a metric (timings, image counts, settings) is
 left out.
 
-Files written by ``advprop-zoo eval --output`` (``"schema": "advprop-zoo-eval/N"``) are read from their
-flat ``metrics`` map, which that schema keeps for downstream consumers such as this card:
-``<set>_top1`` / ``_top5`` (set = imagenet, imagenet_a, stylized, folder), ``<set>_<attack>_top1`` /
-``_top5`` (attack like ``pgd5_eps4``, ``fgsm_eps1``, ``pgd3_eps2_targeted``), ``imagenet_c_mce``,
-``imagenet_c_relative_mce``, ``imagenet_c_error_<c>``, ``imagenet_c_ce_<c>`` (percentages); plus
-``model``, ``num_classes``, ``weights.sha256``, ``dataset`` and ``data_config``. A metric name this
-module does not know is still shown, under its own name.
+Files written by ``advprop-zoo eval --output`` (``"schema": "advprop-zoo-eval/N"``) are read by the
+library's own reader (``advprop_zoo.eval.results.read_results``) and labelled by its ``describe_metric``:
+their flat ``metrics`` map is the schema's hand-off to downstream consumers such as this card, plus
+``model``, ``num_classes``, ``weights.sha256``, ``dataset`` and ``data_config``. A metric name the
+library does not know is still shown, under its own name.
 
 Any other JSON is read defensively from a small documented subset (keys case-insensitive, ``-`` and
 ``_`` alike): ``model`` and the weights' ``sha256`` (``weights_sha256``, ``sha256``, or
@@ -28,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
+from advprop_zoo.eval.results import describe_metric, read_results
+
 from hub import PublishError
 
 __all__ = ['Metric', 'EvalResults', 'read_eval_results']
@@ -43,11 +43,7 @@ _SHA = ('weights_sha256', 'sha256', 'weights_hash', 'checkpoint_sha256')
 _EPS = re.compile(r'(?:eps(?:ilon)?[=_ ]?)?(\d+(?:\.\d+)?)')
 
 
-SCHEMA_PREFIX = 'advprop-zoo-eval/'
-_SETS = (('imagenet_c', 'ImageNet-C'), ('imagenet_a', 'ImageNet-A'), ('imagenet', 'ImageNet'),
-         ('stylized', 'Stylized-ImageNet'), ('folder', 'folder'))
-_ATTACK_NAME = re.compile(r'([a-z]+?)(\d*)_eps(\d+(?:\.\d+)?)(_targeted)?')
-CORRUPTIONS = 'corruptions'  # Metric.group of ImageNet-C's per-corruption numbers (a table of their own)
+SCHEMA_PREFIX = 'advprop-zoo-eval/'  # any version of the library's schema goes to its reader, which names it
 
 
 @dataclass(frozen=True)
@@ -57,7 +53,7 @@ class Metric:
     name: str
     value: Union[int, float]
     key: Optional[str] = None  # the file's own metric name, where it has one
-    group: str = ''
+    per_corruption: bool = False  # one of ImageNet-C's per-corruption numbers (a table of their own)
 
 
 @dataclass
@@ -182,38 +178,18 @@ def _collect(obj: Any, dataset: str) -> Iterator[Metric]:
             yield from _collect(nested, dataset)
 
 
-def _attack_label(name: str) -> str:
-    """'pgd5_eps4' -> 'PGD-5 eps 4', 'fgsm_eps1' -> 'FGSM eps 1'; an unknown form stays as it is."""
-    m = _ATTACK_NAME.fullmatch(name)
-    if not m:
-        return name
-    kind, steps, eps, targeted = m.groups()
-    return f'{kind.upper()}{"-" + steps if steps else ""} eps {eps}{" targeted" if targeted else ""}'
-
-
-def _schema_metrics(metrics: Mapping[str, Any]) -> Iterator[Metric]:
-    """The flat ``metrics`` map of an ``advprop-zoo eval`` file, in its order, with readable labels."""
-    for key, value in metrics.items():
+def _schema_metrics(path: Path) -> Iterator[Metric]:
+    """The flat ``metrics`` map of an ``advprop-zoo eval`` file, read by the library's own reader, in its
+    order, with the library's labels."""
+    try:
+        report = read_results(path)
+    except ValueError as e:
+        raise PublishError(str(e)) from None
+    for key, value in report['metrics'].items():
         value = _number(value)
-        if value is None:
-            continue
-        m = re.fullmatch(r'imagenet_c_(error|ce)_(.+)', key)
-        if m:
-            yield Metric('ImageNet-C', f'{m.group(2)} {"mean error" if m.group(1) == "error" else "CE"}', value,
-                         key, CORRUPTIONS)
-            continue
-        if key in ('imagenet_c_mce', 'imagenet_c_relative_mce'):
-            yield Metric('ImageNet-C', 'mCE' if key.endswith('_c_mce') else 'relative mCE', value, key)
-            continue
-        for prefix, dataset in _SETS:
-            rest = key[len(prefix) + 1:] if key.startswith(prefix + '_') else None
-            m = re.fullmatch(r'(?:(.+)_)?top([15])', rest or '')
-            if m:
-                label = f'top-{m.group(2)}' if not m.group(1) else f'{_attack_label(m.group(1))} top-{m.group(2)}'
-                yield Metric(dataset, label, value, key)
-                break
-        else:
-            yield Metric('-', key, value, key)
+        if value is not None:
+            dataset, label, per_corruption = describe_metric(key)
+            yield Metric(dataset, label, value, key, per_corruption)
 
 
 def _sha256(obj: Mapping[str, Any]) -> Optional[str]:
@@ -245,10 +221,8 @@ def read_eval_results(path: Union[str, os.PathLike]) -> EvalResults:
         results.data_config = dict(head['data_config'])
     schema = head.get('schema')
     if isinstance(schema, str) and schema.startswith(SCHEMA_PREFIX):
-        if not isinstance(head.get('metrics'), Mapping):
-            raise PublishError(f'{path}: {schema} file without its metrics map')
         results.schema = schema
-        found = _schema_metrics(head['metrics'])
+        found = _schema_metrics(path)
     else:
         found = _collect(data, dataset='-')
     seen = set()

@@ -14,13 +14,15 @@ import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
+from tqdm import tqdm
+
 if __package__ in (None, ''):  # run as a script: make the repo root importable for `hub.*`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from advprop_zoo.efficientnet_advprop import HUB_ORG, ZOO_TAG, get_variant  # noqa: E402
+from advprop_zoo.errors import AdvPropZooError, describe_error, run_command  # noqa: E402
 from advprop_zoo.names import UnknownModelError  # noqa: E402
 from advprop_zoo.table import format_table  # noqa: E402
-from advprop_zoo.weights import WeightsError  # noqa: E402
 
 from hub import PublishError  # noqa: E402
 from hub.eval_results import EvalResults, read_eval_results  # noqa: E402
@@ -110,7 +112,6 @@ def _batch(args: argparse.Namespace) -> int:
     if skipped:
         print(f'skipped (not a zoo model folder with {WEIGHTS_NAME}): {", ".join(skipped)}')
 
-    from tqdm import tqdm
     rows, staged, failed = [], {}, 0
     with tempfile.TemporaryDirectory(prefix='advprop-zoo-publish-') as tmp:
         base = root or Path(tmp)
@@ -118,9 +119,9 @@ def _batch(args: argparse.Namespace) -> int:
         for name, path in tqdm(models, desc='staging', unit='repo', file=sys.stderr, dynamic_ncols=True):
             try:
                 staged[name] = stage_repo(path, name, repo_ids[name], base / name, eval_results=results[name])
-            except (PublishError, WeightsError, UnknownModelError, OSError) as e:
+            except (AdvPropZooError, OSError) as e:
                 failed += 1
-                rows.append([name, repo_ids[name], '-', '-', '-', f'FAILED: {e}'])
+                rows.append([name, repo_ids[name], '-', '-', '-', f'FAILED: {describe_error(e)}'])
         uploads = {}
         if not failed and not args.dry_run:
             for name, s in staged.items():
@@ -192,11 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for flag, value in [('--repo-id', args.repo_id)] + [('--eval', e) for e in args.eval or ()]:
             if value and '{model}' not in value:
                 parser.error(f'with --weights-dir, {flag} is a template and must contain {{model}}')
-    try:
-        return _batch(args) if args.weights_dir else _single(args)
-    except (PublishError, WeightsError, UnknownModelError, OSError) as e:
-        print(f'{PROG}: error: {e}', file=sys.stderr)
-        return 1
+    return run_command(PROG, lambda: _batch(args) if args.weights_dir else _single(args))
 
 
 if __name__ == '__main__':

@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
+import timm
 import torch
+from safetensors.torch import load_file
+from timm.models import get_pretrained_cfg, save_for_hf
 
 from advprop_zoo.efficientnet_advprop import DEFAULT_TAG, ZOO_TAG, AdvPropVariant, get_variant
-from advprop_zoo.weights import (
-    WeightsError, atomic_write, check_state_dict, load_weights, read_safetensors_header, sha256_file,
-)
+from advprop_zoo.load import load_model
+from advprop_zoo.weights import WeightsError, atomic_write, current_umask, read_safetensors_header, sha256_file
 
 from hub import PublishError
 from hub.card import CardInputs, merged_metrics, model_card
@@ -32,7 +34,6 @@ __all__ = ['StagedRepo', 'FILES', 'resolve_model', 'check_out_dir', 'stage_repo'
 
 FILES = ('README.md', 'config.json', 'model.safetensors')
 LOGIT_ATOL = 1e-5  # same weights, same layers: the reload is expected to be exact; this only absorbs kernel noise
-AUX_KEY = '.aux_bn.'
 
 
 @dataclass
@@ -71,24 +72,18 @@ def check_out_dir(out: Path) -> None:
 
 
 def _load_source(weights: Path, variant: AdvPropVariant, model_name: str) -> Tuple[torch.nn.Module, Dict]:
-    """The zoo model holding the weights, loaded strictly after a key/shape check that names the first misfit."""
-    import timm
-    state_dict = load_weights(weights)
-    aux = [k for k in state_dict if AUX_KEY in k]
-    if aux:
+    """The zoo model holding the weights (``load_model``: head size from the file, a key/shape check that
+    names the first misfit, strict load); dual-BN weights are refused, a card describes the plain model."""
+    loaded = load_model(model_name, checkpoint=weights)
+    if loaded.dual_bn:
         raise WeightsError(
-            f'holds {len(aux)} auxiliary BN tensors (a dual-BN AdvProp checkpoint); fold them first: '
+            f'holds {loaded.aux_bn_tensors} auxiliary BN tensors (a dual-BN AdvProp checkpoint); fold them first: '
             f'advprop-zoo fold {weights} folded.safetensors --model {variant.name}')
-    head = state_dict.get('classifier.weight')
-    num_classes = int(head.shape[0]) if head is not None and head.dim() == 2 else 1000
-    model = timm.create_model(model_name, num_classes=num_classes)
-    check_state_dict(state_dict, model)
-    model.load_state_dict(state_dict, strict=True)
-    return model.eval(), state_dict
+    state_dict = loaded.model.state_dict()
+    return loaded.model, state_dict
 
 
 def _data_config(model: torch.nn.Module) -> Dict[str, object]:
-    import timm
     cfg = timm.data.resolve_model_data_config(model)
     return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in cfg.items()}
 
@@ -96,8 +91,6 @@ def _data_config(model: torch.nn.Module) -> Dict[str, object]:
 def validate_folder(folder: Path, source: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> float:
     """Reload ``folder`` with timm's ``local-dir:`` loader and compare it with the source model: every
     tensor, the preprocessing config, and the logits on a fixed input. Returns max |logit difference|."""
-    import timm
-    from safetensors.torch import load_file
 
     staged = load_file(str(folder / 'model.safetensors'))
     if set(staged) != set(state_dict):
@@ -125,7 +118,6 @@ def validate_folder(folder: Path, source: torch.nn.Module, state_dict: Mapping[s
 
 def _check_eval_model(results: EvalResults, variant: AdvPropVariant, weights: Path, num_classes: int) -> None:
     """Numbers on a card must be about this model: refuse results of another variant or head."""
-    import timm
     if results.model:
         base = results.model.split('.', 1)[0]
         if timm.is_model(base) and base not in (variant.name, variant.timm_arch):
@@ -148,18 +140,11 @@ def _check_eval_weights(results: EvalResults, weights: Path, source_sha: str, st
 
 def _registered_as(variant: AdvPropVariant, repo_id: str) -> Optional[str]:
     """The zoo name whose pretrained cfg downloads from ``repo_id``, if any (for the card's usage)."""
-    from timm.models import get_pretrained_cfg
     for tag in (ZOO_TAG, DEFAULT_TAG):
         name = f'{variant.name}.{tag}'
         if getattr(get_pretrained_cfg(name), 'hf_hub_id', None) == repo_id:
             return name
     return None
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def stage_repo(
@@ -170,7 +155,6 @@ def stage_repo(
         eval_results: Sequence[EvalResults] = (),
 ) -> StagedRepo:
     """Write the checked repo folder ``out`` (new or empty) for ``weights`` of ``model``; all or nothing."""
-    from timm.models import save_for_hf
 
     weights, out = Path(weights), Path(out)
     variant, model_name = resolve_model(model)
@@ -202,7 +186,7 @@ def stage_repo(
             registered_as=_registered_as(variant, repo_id), eval_results=list(eval_results), max_abs_diff=diff))
         with atomic_write(tmp / 'README.md') as f:
             f.write(card.encode('utf-8'))
-        mask = _umask()  # mkdtemp and safetensors make private files; the staged folder is an ordinary one
+        mask = current_umask()  # mkdtemp and safetensors make private files; the staged folder is an ordinary one
         for path in tmp.iterdir():
             os.chmod(path, 0o666 & ~mask)
         os.chmod(tmp, 0o777 & ~mask)

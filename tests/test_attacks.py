@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from advprop_zoo.attacks import AttackConfig, attack, pixel_bounds, signed_step
+from advprop_zoo.efficientnet_advprop import paper_attacker
 from advprop_zoo.dual_bn import is_dual_bn, to_dual_bn
 
 ADVPROP = ((0.5,) * 3, (0.5,) * 3)
@@ -151,9 +152,9 @@ def test_paper_defaults():
     assert AttackConfig(eps=1).resolved().steps == 1
     assert AttackConfig(eps=3).resolved().steps == 4
     assert AttackConfig(eps=4).resolved().step_size == 1.0
-    cfg = AttackConfig.from_paper('efficientnet_b3_advprop')
+    cfg = paper_attacker('efficientnet_b3_advprop').config()
     assert (cfg.eps, cfg.resolved().steps, cfg.targeted) == (3, 4, True)
-    assert str(AttackConfig.from_paper('efficientnet_b7_advprop')) == 'PGD5_eps4'
+    assert str(paper_attacker('efficientnet_b7_advprop').config()) == 'PGD5_eps4'
 
 
 @pytest.mark.parametrize('kwargs, match', [(dict(eps=-1), 'eps'), (dict(kind='cw'), 'unknown attack'),

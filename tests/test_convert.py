@@ -19,13 +19,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-pytest.importorskip('tensorflow')
-pytest.importorskip('keras')
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `convert` is a folder of scripts beside the package, not installed
 
 from advprop_zoo import VARIANTS  # noqa: E402
+from advprop_zoo.dual_bn import to_dual_bn  # noqa: E402
 from convert.tf_checkpoint import safe_extract  # noqa: E402
 from convert.tf_fixture import release_shapes, release_tensors, write_checkpoint, write_release_tarball  # noqa: E402
 from convert.tf_names import tf_name_map, tf_to_timm_layout  # noqa: E402
@@ -219,8 +217,7 @@ def test_auxiliary_bns_become_dual_bn_keys(aux_conversion):
 
 
 def test_auxiliary_bns_load_into_the_dual_bn_model(aux_conversion):
-    dual_bn = pytest.importorskip('advprop_zoo.dual_bn')
-    model = dual_bn.to_dual_bn(timm.create_model('efficientnet_b0_advprop'))
+    model = to_dual_bn(timm.create_model('efficientnet_b0_advprop'))
     model.load_state_dict(aux_conversion[2], strict=True)
 
 
@@ -400,7 +397,7 @@ def test_existing_output_needs_force(capsys, b0_release, out):
     target = out / 'b0.safetensors'
     target.write_bytes(b'precious')
     code, _, err = run(capsys, '--checkpoint', b0_release['prefix'], '--output', target)
-    assert_one_line_error(code, err, 'already exists', '--force')
+    assert_one_line_error(code, err, 'output exists', '--force')
     assert target.read_bytes() == b'precious' and len(list(out.iterdir())) == 1
     code, _, _ = run(capsys, '--checkpoint', b0_release['prefix'], '--output', target, '--force')
     assert code == 0 and load_file(str(target))['conv_stem.weight'].shape == (32, 3, 3, 3)

@@ -20,12 +20,12 @@ from torch import nn
 
 from advprop_zoo.attacks import AttackConfig, attack
 from advprop_zoo.cli import main
-from advprop_zoo.eval_data import (
+from advprop_zoo.eval.datasets import (
     class_map_for, create_eval_loader, imagenet_a_indices, imagenet_a_synsets, imagenet_synsets,
 )
-from advprop_zoo.eval_results import read_results
-from advprop_zoo.eval_suite import EvalConfig, eval_data_config, prepare_eval_model, run_eval
-from advprop_zoo.imagenet_c import CORRUPTIONS, imagenet_c_summary
+from advprop_zoo.eval.results import read_results
+from advprop_zoo.eval.suite import EvalConfig, eval_data_config, prepare_eval_model, run_eval
+from advprop_zoo.eval.imagenet_c import BENCHMARK_CORRUPTIONS, imagenet_c_summary
 
 SIZE = 32  # eval resolution: tiny, through the model's own transform (resize, bicubic, crop_pct)
 WNIDS = imagenet_synsets()
@@ -209,7 +209,7 @@ def test_imagenet_c_errors_ce_and_mce_from_a_fixed_confusion(toy, tmp_path):
     pool = toy.pool[:2]
     root = tmp_path / 'imagenet-c'
     expected = {}
-    for ci, c in enumerate(CORRUPTIONS):
+    for ci, c in enumerate(BENCHMARK_CORRUPTIONS):
         expected[c] = {}
         base = root / 'noise' / c if c.endswith('_noise') else root / c
         for s in range(1, 6):
@@ -221,7 +221,7 @@ def test_imagenet_c_errors_ce_and_mce_from_a_fixed_confusion(toy, tmp_path):
     clean = _place(tmp_path / 'clean', [(p, _pred(lg)) for p, lg in toy.pool[:3]] + [(p3, _pred(l3, 1))])  # 3 of 4
     report = run_eval(_cfg(toy, root, dataset='imagenet-c', clean_dir=str(clean)))
     c = report['results']['imagenet_c']
-    for name in CORRUPTIONS:
+    for name in BENCHMARK_CORRUPTIONS:
         assert c['corruptions'][name]['errors'] == {str(s): expected[name][s] for s in range(1, 6)}
     want = imagenet_c_summary(expected, clean_error=25.0)
     assert report['metrics']['imagenet_top1'] == pytest.approx(75.0) and c['clean_error'] == pytest.approx(25.0)
@@ -229,7 +229,7 @@ def test_imagenet_c_errors_ce_and_mce_from_a_fixed_confusion(toy, tmp_path):
     # by hand for one corruption: gaussian_noise (index 0) severities 1..5 -> right 1,2,0,1,2 -> errors 50,0,100,50,0
     assert c['corruptions']['gaussian_noise']['ce'] == pytest.approx(40.0 / 0.886428)
     assert report['metrics']['imagenet_c_mce'] == c['mce'] and c['images'] == 150
-    from advprop_zoo.eval_results import plot_results
+    from advprop_zoo.eval.results import plot_results
     assert plot_results(report, tmp_path / 'ce.png').read_bytes()[:4] == b'\x89PNG'
 
 
@@ -313,7 +313,7 @@ def test_bad_inputs_give_one_clear_line(toy, imagenet_tree, tmp_path, capsys):
 
 def test_imagenet_c_layout_errors(toy, tmp_path, capsys):
     root = tmp_path / 'c'
-    for c in CORRUPTIONS:
+    for c in BENCHMARK_CORRUPTIONS:
         for s in (1, 2, 3, 5) if c == 'fog' else (1, 2, 3, 4, 5):
             _place(root / c / str(s), [(toy.pool[0][0], WNIDS[0])])
     err = _error(capsys, _args(toy, root, '--dataset', 'imagenet-c'))

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from advprop_zoo.eval_data import LogitSubset, imagenet_a_indices, imagenet_a_synsets, imagenet_synsets
-from advprop_zoo.eval_results import SCHEMA, compare_results, metrics_of, read_results, write_results
-from advprop_zoo.eval_suite import parse_eps
-from advprop_zoo.imagenet_c import (
-    ALEXNET_CLEAN_ERROR, ALEXNET_ERRORS, CORRUPTIONS, EXTRA_CORRUPTIONS, imagenet_c_summary,
+from advprop_zoo.eval.datasets import LogitSubset, imagenet_a_indices, imagenet_a_synsets, imagenet_synsets
+from advprop_zoo.eval.results import SCHEMA, compare_results, metrics_of, read_results, write_results
+from advprop_zoo.eval.suite import parse_eps
+from advprop_zoo.eval.imagenet_c import (
+    ALEXNET_CLEAN_ERROR, ALEXNET_ERRORS, BENCHMARK_CORRUPTIONS, EXTRA_CORRUPTIONS, imagenet_c_summary,
 )
 
 
@@ -20,8 +20,8 @@ def _uniform(mean_of):
 
 
 def test_alexnet_constants_are_the_published_ones():
-    assert CORRUPTIONS[0] == 'gaussian_noise' and CORRUPTIONS[-1] == 'jpeg_compression' and len(CORRUPTIONS) == 15
-    assert set(ALEXNET_ERRORS) == set(CORRUPTIONS) and not set(EXTRA_CORRUPTIONS) & set(CORRUPTIONS)
+    assert BENCHMARK_CORRUPTIONS[0] == 'gaussian_noise' and BENCHMARK_CORRUPTIONS[-1] == 'jpeg_compression' and len(BENCHMARK_CORRUPTIONS) == 15
+    assert set(ALEXNET_ERRORS) == set(BENCHMARK_CORRUPTIONS) and not set(EXTRA_CORRUPTIONS) & set(BENCHMARK_CORRUPTIONS)
     # Hendrycks & Dietterich 2019, AlexNet top-1 errors averaged over severities (a few spot values)
     assert ALEXNET_ERRORS['gaussian_noise'] == 0.886428
     assert ALEXNET_ERRORS['brightness'] == 0.564592
@@ -48,15 +48,15 @@ def test_mce_of_a_model_half_as_wrong_as_alexnet_is_50():
     half = _uniform({c: 50 * e for c, e in ALEXNET_ERRORS.items()})
     out = imagenet_c_summary(half, clean_error=50 * ALEXNET_CLEAN_ERROR)
     assert out['mce'] == pytest.approx(50.0) and out['relative_mce'] == pytest.approx(50.0)
-    assert list(out['corruptions']) == list(CORRUPTIONS)  # the paper's order
+    assert list(out['corruptions']) == list(BENCHMARK_CORRUPTIONS)  # the paper's order
 
 
 def test_mce_is_the_mean_over_the_15_and_ignores_extras():
-    means = {c: 20.0 + i for i, c in enumerate(CORRUPTIONS)}
+    means = {c: 20.0 + i for i, c in enumerate(BENCHMARK_CORRUPTIONS)}
     errors = _uniform(means)
     errors['spatter'] = {s: 99.0 for s in range(1, 6)}
     out = imagenet_c_summary(errors)
-    expected = sum(100 * means[c] / (100 * ALEXNET_ERRORS[c]) for c in CORRUPTIONS) / 15
+    expected = sum(100 * means[c] / (100 * ALEXNET_ERRORS[c]) for c in BENCHMARK_CORRUPTIONS) / 15
     assert out['mce'] == pytest.approx(expected, rel=1e-12)
     assert out['corruptions']['spatter']['ce'] is None and out['corruptions']['spatter']['error'] == 99.0
     assert out['relative_mce'] is None  # no clean error given

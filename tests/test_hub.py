@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from advprop_zoo import VARIANTS, save_weights
+from advprop_zoo.eval.results import SCHEMA, attack_name, metrics_of, write_results
 from conftest import random_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -341,20 +342,19 @@ def test_argument_combinations(capsys):
 
 
 def test_reads_what_advprop_zoo_eval_writes(tmp_path):
-    """The card's reader against the eval command's own writer (issue 7), where that module exists."""
-    er = pytest.importorskip('advprop_zoo.eval_results')
+    """The card's reader against the eval command's own writer (issue 7)."""
     report = {
-        'schema': er.SCHEMA, 'model': MODEL, 'num_classes': 1000, 'weights': {'sha256': None}, 'dataset': 'imagenet-c',
+        'schema': SCHEMA, 'model': MODEL, 'num_classes': 1000, 'weights': {'sha256': None}, 'dataset': 'imagenet-c',
         'results': {
             'clean': {'top1': 70.5, 'top5': 90.25, 'images': 10, 'images_per_s': 5.5},
-            'robust': [{'name': er.attack_name('pgd', 4, 5, False), 'kind': 'pgd', 'eps': 4, 'steps': 5,
+            'robust': [{'name': attack_name('pgd', 4, 5, False), 'kind': 'pgd', 'eps': 4, 'steps': 5,
                         'step_size': 1, 'targeted': False, 'top1': 3.5, 'top5': 9.75, 'images': 10,
                         'images_per_s': 1.5}],
             'imagenet_c': {'mce': 66.125, 'relative_mce': 80.5, 'corruptions': {'fog': {'error': 40.25, 'ce': 65.5}}},
         },
     }
-    report['metrics'] = er.metrics_of(report)
-    er.write_results(report, tmp_path / 'r.json')
+    report['metrics'] = metrics_of(report)
+    write_results(report, tmp_path / 'r.json')
     got = {(m.dataset, m.name): m.value for m in read_eval_results(tmp_path / 'r.json').metrics}
     assert got == {('ImageNet', 'top-1'): 70.5, ('ImageNet', 'top-5'): 90.25, ('ImageNet', 'PGD-5 eps 4 top-1'): 3.5,
                    ('ImageNet', 'PGD-5 eps 4 top-5'): 9.75, ('ImageNet-C', 'mCE'): 66.125,

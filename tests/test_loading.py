@@ -2,6 +2,7 @@
 import json
 import os
 import pickle
+import re
 
 import pytest
 import timm
@@ -9,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from advprop_zoo import WeightsError, load_weights, save_weights
-from conftest import random_state_dict
+from conftest import cli_fails, random_state_dict
 
 
 @pytest.fixture(scope='module')
@@ -181,3 +182,43 @@ def test_save_weights_is_atomic(tmp_path, b0_weights, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ['out.safetensors']  # no temp file left behind
     with pytest.raises(WeightsError, match='does not exist'):
         save_weights(sd, tmp_path / 'no' / 'dir' / 'x.safetensors')
+
+
+def _rewrite_header(src, dst, edit):
+    """Copy a safetensors file with its JSON header changed by ``edit`` (the data bytes left as they are)."""
+    import struct
+    raw = src.read_bytes()
+    (n,) = struct.unpack('<Q', raw[:8])
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    dst.write_bytes(struct.pack('<Q', len(text)) + text + raw[8 + n:])
+    return dst
+
+
+@pytest.mark.parametrize('edit, expected', [
+    (lambda h: h['conv_stem.weight'].update(dtype='F99'), "unknown dtype 'F99'"),
+    (lambda h: h['conv_stem.weight'].update(shape=[16, 3, 3, 3]), 'data offsets span'),
+    (lambda h: h['conv_stem.weight'].update(dtype='F16'), 'data offsets span'),
+    (lambda h: h['bn1.weight'].update(data_offsets=[0, h['bn1.weight']['data_offsets'][1]
+                                                    - h['bn1.weight']['data_offsets'][0]]), 'data offsets span|overlap'),
+    (lambda h: h['conv_stem.weight'].update(shape=[-32, 3, 3, 3]), 'corrupt safetensors header entry'),
+])
+def test_header_that_lies_about_its_tensors_is_refused(tmp_path, capsys, b0_weights, edit, expected):
+    """A header whose shape x dtype does not match its offsets, or names an unknown dtype, fails in one line
+    before safetensors or timm reads any tensor; fold says so and writes nothing."""
+    bad = _rewrite_header(b0_weights, tmp_path / 'bad.safetensors', edit)
+    with pytest.raises(WeightsError, match=expected):
+        load_weights(bad)
+    line = cli_fails(capsys, ['fold', str(bad), str(tmp_path / 'out.safetensors'), '--model', 'efficientnet_b0_advprop'],
+                     str(bad))
+    assert re.search(expected, line) and sorted(p.name for p in tmp_path.iterdir()) == ['bad.safetensors']
+
+
+def test_integer_tensor_for_a_float_parameter_is_refused(tmp_path):
+    model = timm.create_model('efficientnet_b0_advprop')
+    sd = random_state_dict(model)
+    sd['conv_stem.weight'] = (sd['conv_stem.weight'] * 100).to(torch.int32)
+    path = save_weights(sd, tmp_path / 'int.safetensors')
+    with pytest.raises(WeightsError, match="'conv_stem.weight' holds int32 values; .* float32 .*floating-point"):
+        timm.create_model('efficientnet_b0_advprop', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))

@@ -63,7 +63,7 @@ def test_ema_and_bf16(folder, tmp_path):
 
 def test_zoo_model_gets_paper_attacker(folder, tmp_path):
     args = _args(folder, tmp_path, '--model', 'efficientnet_b3_advprop')
-    from advprop_zoo_train.main import _attack_config
+    from advprop_zoo_train.loop import _attack_config
     assert str(_attack_config(args, args.model)) == 'PGD4_eps3'
 
 

@@ -16,11 +16,11 @@ import math
 from typing import Dict, Mapping, Optional, Sequence
 
 __all__ = [
-    'CORRUPTIONS', 'EXTRA_CORRUPTIONS', 'SEVERITIES', 'ALEXNET_ERRORS', 'ALEXNET_CLEAN_ERROR', 'imagenet_c_summary',
+    'BENCHMARK_CORRUPTIONS', 'EXTRA_CORRUPTIONS', 'SEVERITIES', 'ALEXNET_ERRORS', 'ALEXNET_CLEAN_ERROR', 'imagenet_c_summary',
 ]
 
 # the 15 benchmark corruptions, in the paper's order (noise, blur, weather, digital)
-CORRUPTIONS = (
+BENCHMARK_CORRUPTIONS = (
     'gaussian_noise', 'shot_noise', 'impulse_noise',
     'defocus_blur', 'glass_blur', 'motion_blur', 'zoom_blur',
     'snow', 'frost', 'fog', 'brightness',
@@ -76,14 +76,14 @@ def imagenet_c_summary(
             if clean_error is not None:
                 row['relative_ce'] = 100.0 * (mean - clean_error) / (100.0 * (alex - ALEXNET_CLEAN_ERROR))
         elif name not in EXTRA_CORRUPTIONS:
-            raise ValueError(f'imagenet-c: unknown corruption {name!r}; the benchmark has {", ".join(CORRUPTIONS)} '
+            raise ValueError(f'imagenet-c: unknown corruption {name!r}; the benchmark has {", ".join(BENCHMARK_CORRUPTIONS)} '
                              f'(and extras {", ".join(EXTRA_CORRUPTIONS)})')
         out[name] = row
-    complete = all(c in out for c in CORRUPTIONS)
+    complete = all(c in out for c in BENCHMARK_CORRUPTIONS)
     return {
         'corruptions': {c: out[c] for c in _ordered(out)},
-        'mce': _mean([out[c]['ce'] for c in CORRUPTIONS]) if complete else None,
-        'relative_mce': (_mean([out[c]['relative_ce'] for c in CORRUPTIONS])
+        'mce': _mean([out[c]['ce'] for c in BENCHMARK_CORRUPTIONS]) if complete else None,
+        'relative_mce': (_mean([out[c]['relative_ce'] for c in BENCHMARK_CORRUPTIONS])
                          if complete and clean_error is not None else None),
         'clean_error': clean_error,
         'alexnet_clean_error': 100.0 * ALEXNET_CLEAN_ERROR,
@@ -91,7 +91,7 @@ def imagenet_c_summary(
 
 
 def _ordered(names: Sequence[str]) -> list:
-    known = [c for c in CORRUPTIONS + EXTRA_CORRUPTIONS if c in names]
+    known = [c for c in BENCHMARK_CORRUPTIONS + EXTRA_CORRUPTIONS if c in names]
     return known + sorted(n for n in names if n not in known)
 
 

@@ -17,7 +17,11 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+from timm.data import create_dataset, create_loader
 from torch import nn
+
+from ..errors import AdvPropZooError
+from .imagenet_c import BENCHMARK_CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES
 
 __all__ = [
     'DATASETS', 'EvalDataError', 'imagenet_synsets', 'imagenet_a_synsets', 'imagenet_a_indices', 'LogitSubset',
@@ -28,7 +32,7 @@ DATASETS = ('imagenet', 'imagenet-c', 'imagenet-a', 'stylized', 'folder')
 _SPLITS = ('val', 'validation')  # a root that holds only these is searched one level down, as timm does
 
 
-class EvalDataError(ValueError):
+class EvalDataError(AdvPropZooError, ValueError):
     """A data folder that cannot be evaluated as the named dataset, with the reason in one line."""
 
 
@@ -139,9 +143,8 @@ def find_imagenet_c(
 
     Without ``corruptions`` all 15 benchmark corruptions must be there (extras are taken when present);
     every corruption found or asked for must have all five severities."""
-    from .imagenet_c import CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES
     root = resolve_root(data_dir, 'imagenet-c')
-    known = CORRUPTIONS + EXTRA_CORRUPTIONS
+    known = BENCHMARK_CORRUPTIONS + EXTRA_CORRUPTIONS
     found: Dict[str, Path] = {}
     for name in _subdirs(root):
         if name in known:
@@ -157,7 +160,7 @@ def find_imagenet_c(
         wanted = list(corruptions)
     else:
         wanted = [c for c in known if c in found]
-    missing = [c for c in (corruptions or CORRUPTIONS) if c not in found]
+    missing = [c for c in (corruptions or BENCHMARK_CORRUPTIONS) if c not in found]
     if missing:
         raise EvalDataError(
             f'imagenet-c: {root} has no {missing[0]}/ folder'
@@ -187,7 +190,6 @@ def create_eval_loader(
     """timm's dataset and eval loader over an ImageFolder ``root`` with explicit labels: transform from
     ``data_config`` (timm's ``resolve_data_config``: size, bicubic, crop_pct, mean/std), and on CUDA timm's
     prefetcher, which normalises on the GPU."""
-    from timm.data import create_dataset, create_loader
     try:
         dataset = create_dataset('', root=str(root), split='validation', search_split=False,
                                  class_map=dict(class_map))

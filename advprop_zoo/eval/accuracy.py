@@ -11,8 +11,9 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
-from .attacks import AttackConfig, attack
+from ..attacks import AttackConfig, attack
 from .corruptions import corrupt
 
 __all__ = ['evaluate_accuracy']
@@ -46,7 +47,6 @@ def evaluate_accuracy(
     total = 0
     bar = None
     if progress:
-        from tqdm import tqdm
         bar = tqdm(desc=progress, unit='img', leave=False, dynamic_ncols=True,
                    total=_num_images(loader))
     start = time.perf_counter()

@@ -15,17 +15,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import timm
 import torch
+from timm.data import resolve_data_config
 from torch import nn
 
-from .attacks import ATTACKS, AttackConfig
-from .eval_data import (
+from ..attacks import ATTACKS, AttackConfig
+from ..fuse import fuse_bn
+from ..load import load_model
+from ..version import __version__
+from ..weights import sha256_file
+from .accuracy import evaluate_accuracy
+from .datasets import (
     DATASETS, LogitSubset, class_map_for, create_eval_loader, find_imagenet_c, imagenet_a_indices, resolve_root,
 )
-from .eval_results import SCHEMA, attack_name, metrics_of, utc_now
-from .evaluate import evaluate_accuracy
+from .imagenet_c import imagenet_c_summary
+from .results import SCHEMA, attack_name, metrics_of, utc_now
 
-__all__ = ['EvalConfig', 'parse_eps', 'load_eval_model', 'eval_data_config', 'prepare_eval_model', 'run_eval']
+__all__ = ['EvalConfig', 'parse_eps', 'load_eval_weights', 'eval_data_config', 'prepare_eval_model', 'run_eval']
 
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -73,65 +80,26 @@ def parse_eps(text: str) -> List[float]:
     return values
 
 
-def _classifier_size(state_dict: Dict[str, torch.Tensor], model_name: str) -> Optional[int]:
-    import timm
-    with torch.device('meta'):
-        cfg = timm.create_model(model_name).pretrained_cfg
-    head = cfg.get('classifier')
-    weight = state_dict.get(f'{head}.weight') if isinstance(head, str) else None
-    return int(weight.shape[0]) if weight is not None and weight.dim() >= 1 else None
-
-
-def load_eval_model(
+def load_eval_weights(
         model_name: str,
         checkpoint: Optional[os.PathLike] = None,
         pretrained: bool = False,
         num_classes: Optional[int] = None,
 ) -> Tuple[nn.Module, Dict[str, Optional[str]]]:
-    """Build ``model_name`` with the weights to evaluate: a ``checkpoint`` (plain or dual-BN, its
-    classifier size taken from the file unless ``num_classes`` says otherwise) or timm's pretrained
-    weights. Returns the model (CPU, eval mode) and ``{source, location, sha256}`` of the weights."""
-    import timm
-    from .fold import fold_state_dict
-    from .names import check_model_name
-    from .weights import cached_weights_path, check_pretrained_source, load_weights, sha256_file
-
-    if ':' not in model_name:  # hf-hub: / local-dir: names are timm's to resolve
-        check_model_name(model_name)
-    if checkpoint is not None and pretrained:
-        raise ValueError('give --pretrained or --checkpoint, not both')
+    """The model to evaluate (``load_model``: a checkpoint, plain or dual-BN, its head read from the file,
+    or timm's pretrained weights) and ``{source, location, sha256}`` of its weights for the report."""
     if checkpoint is None and not pretrained:
         raise ValueError('no weights to evaluate: give --pretrained (timm\'s weights) or --checkpoint FILE')
-    if checkpoint is not None:
-        state_dict = load_weights(checkpoint)
-        if num_classes is None:
-            num_classes = _classifier_size(state_dict, model_name)
-        kwargs = {} if num_classes is None else {'num_classes': num_classes}
-        model = timm.create_model(model_name, **kwargs)
-        model.load_state_dict(fold_state_dict(state_dict, model))
-        info = {'source': 'checkpoint', 'location': str(Path(checkpoint).resolve()), 'sha256': sha256_file(checkpoint)}
-    else:
-        if num_classes is not None:
-            raise ValueError('--num-classes only applies to --checkpoint (pretrained weights keep their own head)')
-        source, loc = check_pretrained_source(model_name)
-        model = timm.create_model(model_name, pretrained=True)
-        file, location = None, str(loc)
-        if source == 'hf-hub':
-            repo = loc[0] if isinstance(loc, (tuple, list)) else loc
-            location = f'hf-hub:{repo}'
-            file = cached_weights_path(repo, model.pretrained_cfg.get('hf_hub_filename') or 'model.safetensors')
-        elif source == 'file':
-            file = Path(loc)
-        elif source == 'local-dir':
-            from .weights import _local_dir_weights
-            file = _local_dir_weights(Path(loc))
-        info = {'source': 'pretrained', 'location': location, 'sha256': sha256_file(file) if file else None}
-    return model.eval(), info
+    if pretrained and num_classes is not None:
+        raise ValueError('--num-classes only applies to --checkpoint (pretrained weights keep their own head)')
+    loaded = load_model(model_name, checkpoint=checkpoint, pretrained=pretrained, num_classes=num_classes)
+    info = {'source': loaded.source, 'location': loaded.location,
+            'sha256': sha256_file(loaded.file) if loaded.file else None}
+    return loaded.model, info
 
 
 def eval_data_config(model: nn.Module, img_size: Optional[int] = None) -> Dict[str, Any]:
     """timm's ``resolve_data_config`` for ``model`` (its pretrained config), optionally at another size."""
-    from timm.data import resolve_data_config
     return resolve_data_config({'img_size': img_size} if img_size else {}, model=model)
 
 
@@ -144,7 +112,6 @@ def prepare_eval_model(
 ) -> nn.Module:
     """The model as the suite runs it: on ``device``, eval mode, BNs fused into the convs with static
     'same' padding for ``input_size`` (``fuse``), channels_last memory format if asked."""
-    from .fuse import fuse_bn
     model = model.to(device).eval()
     if fuse:  # TF's asymmetric 'same' pad as zero kernel taps: the same sums without a padded copy per conv
         model = fuse_bn(model, input_size=tuple(input_size), pad_in_kernel=True)
@@ -201,7 +168,7 @@ def _check_config(cfg: EvalConfig) -> None:
 
 
 def run_eval(cfg: EvalConfig) -> Dict[str, Any]:
-    """Evaluate ``cfg.model`` on ``cfg.dataset``; returns the report (schema in ``eval_results``).
+    """Evaluate ``cfg.model`` on ``cfg.dataset``; returns the report (schema in ``eval.results``).
 
     Everything that can be checked before the model is loaded is checked first (data dir, layout,
     ImageNet-C severities, attack settings), then the class folders against the model's classes."""
@@ -217,7 +184,7 @@ def run_eval(cfg: EvalConfig) -> Dict[str, Any]:
         root = resolve_root(cfg.data_dir, cfg.dataset)
         sets, clean_root = {}, None
 
-    model, weights = load_eval_model(cfg.model, cfg.checkpoint, cfg.pretrained, cfg.num_classes)
+    model, weights = load_eval_weights(cfg.model, cfg.checkpoint, cfg.pretrained, cfg.num_classes)
     num_classes = int(getattr(model, 'num_classes', None) or model.pretrained_cfg.get('num_classes'))
     data_config = eval_data_config(model, cfg.img_size)
     mean, std = data_config['mean'], data_config['std']
@@ -244,7 +211,6 @@ def run_eval(cfg: EvalConfig) -> Dict[str, Any]:
 
     results: Dict[str, Any] = {}
     if cfg.dataset == 'imagenet-c':
-        from .imagenet_c import imagenet_c_summary
         if clean_root is not None:
             results['clean'] = run(clean_root, clean_map, 'imagenet (clean)', name='imagenet')
         errors: Dict[str, Dict[int, float]] = {}
@@ -268,8 +234,6 @@ def run_eval(cfg: EvalConfig) -> Dict[str, Any]:
                     name=attack_name(r.kind, r.eps, r.steps, r.targeted), kind=r.kind, eps=r.eps, steps=r.steps,
                     step_size=r.step_size, targeted=r.targeted, random_start=r.random_start, **m))
 
-    import timm
-    from . import __version__
     settings = dict(batch_size=cfg.batch_size, device=str(device), amp=cfg.amp, channels_last=cfg.channels_last,
                     fused=cfg.fuse, seed=cfg.seed, workers=cfg.workers,
                     attack=(dict(kind=cfg.attack, eps=list(cfg.eps), steps=cfg.steps, step_size=cfg.step_size,

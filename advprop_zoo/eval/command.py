@@ -2,6 +2,15 @@
 import argparse
 from pathlib import Path
 
+import torch
+
+from ..attacks import PAPER_STEPS_RULE
+from ..malloc import keep_freed_memory
+from ..weights import check_output_path
+from .datasets import DATASETS
+from .results import check_plotting, compare_results, format_results, plot_results, read_results, write_results
+from .suite import EvalConfig, parse_eps, run_eval
+
 __all__ = ['add_eval_arguments', 'eval_command']
 
 DESCRIPTION = (
@@ -15,7 +24,6 @@ DESCRIPTION = (
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     """The ``eval`` subcommand's flags."""
-    from .eval_data import DATASETS
     p.add_argument('--model', help='timm model name, e.g. efficientnet_b0_advprop (a .tag picks pretrained weights)')
     w = p.add_mutually_exclusive_group()
     w.add_argument('--pretrained', action='store_true',
@@ -31,8 +39,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     a = p.add_argument_group('robust accuracy')
     a.add_argument('--attack', choices=['pgd', 'fgsm'], default=None, help='also evaluate under this L-inf attack')
     a.add_argument('--eps', default=None, help='comma-separated eps in 0-255 pixel units (default 1,2,4)')
-    a.add_argument('--steps', type=int, default=None, help='PGD iterations (default: the paper\'s rule, eps + 1; '
-                   '1 for eps <= 1)')
+    a.add_argument('--steps', type=int, default=None,
+                   help=f'PGD iterations (default: the paper\'s rule, {PAPER_STEPS_RULE})')
     a.add_argument('--step-size', type=float, default=None, help='PGD step in pixel units (default 1; FGSM: eps)')
     a.add_argument('--targeted', action='store_true', help='target a random wrong label (AdvProp\'s training attack) '
                    'instead of the default untargeted attack')
@@ -62,16 +70,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help='compare results files instead of evaluating: A.json B.json [...], deltas against A')
 
 
-def _check_output(path: str, flag: str) -> None:
-    parent = Path(path).parent
-    if not parent.is_dir():
-        raise ValueError(f'{flag} {path}: folder {parent} does not exist')
-
-
 def eval_command(args: argparse.Namespace) -> int:
     """Run ``advprop-zoo eval``: compare results files, or evaluate and print / write the results."""
-    from .eval_results import check_plotting, compare_results, format_results, plot_results, read_results, write_results
-
     if args.compare:
         if len(args.compare) < 2:
             raise ValueError('--compare needs two or more results files')
@@ -88,14 +88,13 @@ def eval_command(args: argparse.Namespace) -> int:
     if not args.attack and (args.eps or args.steps or args.step_size or args.targeted):
         raise ValueError('--eps, --steps, --step-size and --targeted need --attack pgd|fgsm')
     if args.output:
-        _check_output(args.output, '--output')
+        check_output_path(args.output, overwrite=True)
     if args.plot:
-        _check_output(args.plot, '--plot')
+        check_output_path(args.plot, overwrite=True)
         if not args.attack and args.dataset != 'imagenet-c':
             raise ValueError('--plot needs --attack (accuracy vs eps) or --dataset imagenet-c (CE bar chart)')
         check_plotting()
 
-    from .eval_suite import EvalConfig, parse_eps, run_eval
     cfg = EvalConfig(
         model=args.model, data_dir=args.data_dir, dataset=args.dataset, checkpoint=args.checkpoint,
         pretrained=args.pretrained, num_classes=args.num_classes, attack=args.attack,
@@ -104,10 +103,8 @@ def eval_command(args: argparse.Namespace) -> int:
         device=args.device, workers=args.workers, fuse=not args.no_fuse, img_size=args.img_size,
         corruptions=[c.strip() for c in args.corruptions.split(',') if c.strip()] if args.corruptions else None,
         clean_dir=args.clean_dir, seed=args.seed, progress=not args.no_progress)
-    import torch
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     if args.cpu_malloc == 'reuse' and device == 'cpu':
-        from .malloc import keep_freed_memory
         keep_freed_memory()  # fresh activations every batch: most of a CPU forward would be page faults
     report = run_eval(cfg)
     print(format_results(report))

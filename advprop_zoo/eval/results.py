@@ -23,18 +23,25 @@ Accuracies, errors, CE and mCE are percentages (AlexNet's mCE = 100); eps is in 
 import datetime
 import json
 import os
+import re
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .table import format_table
-from .weights import atomic_write
+from ..table import format_table
+from ..weights import atomic_write
 
-__all__ = ['SCHEMA', 'metrics_of', 'write_results', 'read_results', 'format_results', 'compare_results',
-           'plot_results', 'check_plotting']
+__all__ = ['SCHEMA', 'metrics_of', 'describe_metric', 'write_results', 'read_results', 'format_results',
+           'compare_results', 'plot_results', 'check_plotting']
 
 SCHEMA = 'advprop-zoo-eval/1'
 _PREFIX = {'imagenet': 'imagenet', 'imagenet-a': 'imagenet_a', 'stylized': 'stylized', 'folder': 'folder',
            'imagenet-c': 'imagenet_c'}
+
+
+# metric-name prefix -> the dataset's display name (longest prefix first: imagenet_c before imagenet)
+_SET_NAMES = (('imagenet_c', 'ImageNet-C'), ('imagenet_a', 'ImageNet-A'), ('imagenet', 'ImageNet'),
+              ('stylized', 'Stylized-ImageNet'), ('folder', 'folder'))
+_ATTACK_NAME = re.compile(r'([a-z]+?)(\d*)_eps(\d+(?:\.\d+)?)(_targeted)?')
 
 
 def utc_now() -> str:
@@ -68,6 +75,33 @@ def metrics_of(report: Mapping[str, Any]) -> Dict[str, float]:
     return out
 
 
+def _attack_label(name: str) -> str:
+    """'pgd5_eps4' -> 'PGD-5 eps 4', 'fgsm_eps1' -> 'FGSM eps 1'; an unknown form stays as it is."""
+    m = _ATTACK_NAME.fullmatch(name)
+    if not m:
+        return name
+    kind, steps, eps, targeted = m.groups()
+    return f'{kind.upper()}{"-" + steps if steps else ""} eps {eps}{" targeted" if targeted else ""}'
+
+
+def describe_metric(name: str) -> Tuple[str, str, bool]:
+    """``(dataset, label, per_corruption)`` of a ``metrics`` name, for tables and model cards:
+    ``imagenet_pgd5_eps4_top1`` -> ``('ImageNet', 'PGD-5 eps 4 top-1', False)``,
+    ``imagenet_c_ce_fog`` -> ``('ImageNet-C', 'fog CE', True)``; a name of another form is ``('-', name, False)``."""
+    m = re.fullmatch(r'imagenet_c_(error|ce)_(.+)', name)
+    if m:
+        return 'ImageNet-C', f'{m.group(2)} {"mean error" if m.group(1) == "error" else "CE"}', True
+    if name in ('imagenet_c_mce', 'imagenet_c_relative_mce'):
+        return 'ImageNet-C', 'mCE' if name == 'imagenet_c_mce' else 'relative mCE', False
+    for prefix, dataset in _SET_NAMES:
+        rest = name[len(prefix) + 1:] if name.startswith(prefix + '_') else ''
+        m = re.fullmatch(r'(?:(.+)_)?top([15])', rest)
+        if m:
+            label = f'top-{m.group(2)}' if not m.group(1) else f'{_attack_label(m.group(1))} top-{m.group(2)}'
+            return dataset, label, False
+    return '-', name, False
+
+
 def write_results(report: Mapping[str, Any], path: os.PathLike) -> Path:
     """Write a report as JSON, atomically (a reader sees the old file or the whole new one)."""
     text = json.dumps(report, indent=2, allow_nan=False) + '\n'
@@ -85,8 +119,10 @@ def read_results(path: os.PathLike) -> Dict[str, Any]:
         report = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f'{path}: not a JSON file ({e})') from None
-    if not isinstance(report, dict) or report.get('schema') != SCHEMA or not isinstance(report.get('metrics'), dict):
+    if not isinstance(report, dict) or report.get('schema') != SCHEMA:
         raise ValueError(f'{path}: not an advprop-zoo eval results file (schema {SCHEMA!r} expected)')
+    if not isinstance(report.get('metrics'), dict):
+        raise ValueError(f'{path}: {SCHEMA} file without its metrics map')
     return report
 
 

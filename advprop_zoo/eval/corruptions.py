@@ -13,7 +13,7 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ['CORRUPTIONS', 'corrupt']
+__all__ = ['TENSOR_CORRUPTIONS', 'corrupt']
 
 Corruption = Callable[[torch.Tensor, int, Optional[torch.Generator]], torch.Tensor]
 
@@ -62,7 +62,7 @@ def _gaussian_blur(x: torch.Tensor, s: int, g: Optional[torch.Generator]) -> tor
     return F.conv2d(y, k.view(1, 1, n, 1).expand(c, 1, n, 1).contiguous(), groups=c)  # then columns
 
 
-CORRUPTIONS: Dict[str, Corruption] = {
+TENSOR_CORRUPTIONS: Dict[str, Corruption] = {
     'gaussian_noise': _gaussian_noise,
     'shot_noise': _shot_noise,
     'impulse_noise': _impulse_noise,
@@ -74,8 +74,8 @@ CORRUPTIONS: Dict[str, Corruption] = {
 
 def corrupt(x: torch.Tensor, name: str, severity: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Apply corruption ``name`` at ``severity`` 1-5 to images ``x`` (N, C, H, W) in [0, 1]."""
-    if name not in CORRUPTIONS:
-        raise ValueError(f'unknown corruption {name!r}; choose one of {", ".join(CORRUPTIONS)}')
+    if name not in TENSOR_CORRUPTIONS:
+        raise ValueError(f'unknown corruption {name!r}; choose one of {", ".join(TENSOR_CORRUPTIONS)}')
     if severity not in (1, 2, 3, 4, 5):
         raise ValueError(f'corruption severity must be 1-5, got {severity}')
-    return CORRUPTIONS[name](x, severity, generator).clamp(0, 1)
+    return TENSOR_CORRUPTIONS[name](x, severity, generator).clamp(0, 1)

@@ -1,0 +1,403 @@
+"""The AdvProp train loop, split as timm's train.py is: setup, ``train_one_epoch``, ``validate``, ``train``.
+
+Data (``create_dataset``/``create_loader``), optimizer (``create_optimizer_v2``), schedule
+(``create_scheduler_v2``), EMA (``ModelEmaV3``) and label smoothing are timm's; what this adds is the
+step (``advprop_zoo.modes.forward_loss``: vanilla, advprop, adv-train, fast-advprop), the dual BNs it
+needs, checkpoints a resume continues bit-exactly, and folding the dual BNs away at the end so the
+saved weights load into the plain timm model.
+"""
+import argparse
+import copy
+import inspect
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from timm.data import resolve_data_config
+from timm.loss import LabelSmoothingCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, dispatch_clip_grad, random_seed
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import advprop_zoo.modes as modes  # modes.forward_loss is looked up at each step: tests patch it there
+from advprop_zoo.attacks import AttackConfig
+from advprop_zoo.dual_bn import convert_sync_dual_bn, to_dual_bn
+from advprop_zoo.efficientnet_advprop import VARIANTS, paper_attacker
+from advprop_zoo.errors import AdvPropZooError
+from advprop_zoo.eval.accuracy import evaluate_accuracy
+from advprop_zoo.fold import fold_dual_bn
+from advprop_zoo.load import load_model
+from advprop_zoo.malloc import keep_freed_memory
+from advprop_zoo.names import check_model_name
+from advprop_zoo.version import __version__
+from advprop_zoo.weights import save_weights
+
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, \
+    set_rng_state
+from .data import create_loaders, digits_folder, resolve_splits
+from .distributed import DistInfo, all_gather, all_reduce_sum, init_distributed
+from .logs import RunLog
+
+__all__ = ['TrainingError', 'TrainResult', 'TrainState', 'setup', 'train_one_epoch', 'validate', 'train']
+
+_AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, None: None}
+
+
+class TrainingError(AdvPropZooError, RuntimeError):
+    """A run that had to stop (non-finite loss, bad configuration), with the step and what is intact."""
+
+
+@dataclass
+class TrainResult:
+    """What a run leaves: its summary (as in ``summary.json``), the folded plain model, and the
+    validation loader and data config it was evaluated with."""
+    summary: Dict[str, Any]
+    model: torch.nn.Module
+    val_loader: Any
+    data_config: Dict[str, Any]
+
+
+@dataclass
+class TrainState:
+    """One run's parts and its position in the run: what timm's train.py keeps as locals of main(),
+    gathered so that train_one_epoch, validation and checkpoints can share them."""
+    args: argparse.Namespace
+    dist: DistInfo
+    mode: modes.ModeConfig
+    model: nn.Module  # the training model (dual BNs where the mode needs them): checkpointed, folded at the end
+    step_model: nn.Module  # what the step trains through: the model, DDP-wrapped and / or compiled
+    attack_model: nn.Module  # what the attack runs through: DDP must only see training passes
+    data_config: Dict[str, Any]
+    train_loader: Any
+    val_loader: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    num_epochs: int
+    criterion: nn.Module
+    ema: Optional[ModelEmaV3]
+    scaler: Optional[torch.amp.GradScaler]
+    amp_dtype: Optional[torch.dtype]
+    out: Path
+    identity: Dict[str, Any]  # stored in every checkpoint, checked on resume
+    log: RunLog
+    num_updates: int = 0
+    start_epoch: int = 0
+    start_batch: int = 0
+    last_ckpt: Optional[Path] = None
+    stop: bool = False  # --max-steps reached
+
+    @property
+    def progress(self) -> bool:
+        return self.dist.primary and not self.args.no_progress
+
+
+def _attack_config(args: argparse.Namespace, model_name: str) -> AttackConfig:
+    """The training attack from the flags; for a zoo model without ``--attack-eps``, the paper's."""
+    eps, steps, size = args.attack_eps, args.attack_steps, args.attack_step_size
+    if eps is None and model_name.split('.')[0] in {v.name for v in VARIANTS}:
+        paper = paper_attacker(model_name).config()
+        eps, steps, size = paper.eps, steps or paper.steps, size or paper.step_size
+    return AttackConfig(kind=args.attack, eps=1.0 if eps is None else eps, steps=steps, step_size=size,
+                        targeted=not args.untargeted, random_start=False if args.no_random_start else None)
+
+
+def _check_args(args: argparse.Namespace) -> Tuple[modes.ModeConfig, List[str]]:
+    """Fill in the defaults that depend on other flags and fail on bad input, before anything is built
+    or written. Returns the step's configuration and the class names."""
+    if args.data_dir is None:
+        args.data_dir = str(digits_folder())
+        args.model = args.model or 'test_efficientnet'
+    args.model = args.model or 'efficientnet_b0_advprop'
+    args.mode = args.mode or 'advprop'
+    check_model_name(args.model)
+    if args.batch_size < 1 or args.epochs < 1:
+        raise ValueError('--batch-size and --epochs must be >= 1')
+    if args.resume == 'auto' and not args.output:
+        raise ValueError('--resume auto needs --output: the run folder to look for checkpoints in')
+    mode = modes.ModeConfig(mode=args.mode, attack=_attack_config(args, args.model), adv_weight=args.adv_weight,
+                            clean_weight=args.clean_weight, p_adv=args.p_adv, split_bn=args.split_bn,
+                            attack_bn_mode=args.attack_bn_mode)
+    _, _, classes = resolve_splits(args.data_dir)
+    return mode, classes
+
+
+def _output_dir(args: argparse.Namespace) -> Path:
+    if args.output:
+        out = Path(args.output)
+    else:
+        stamp = time.strftime('%Y%m%d-%H%M%S')
+        out = Path('output') / 'train' / f'{stamp}-{args.model.replace("/", "_")}-{args.mode}'
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _create_model(args: argparse.Namespace, num_classes: int, mode: modes.ModeConfig,
+                  info: DistInfo) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The training model on its device (dual BNs, synchronised under torchrun) and its data config."""
+    model = load_model(args.model, pretrained=args.pretrained, num_classes=num_classes,
+                       drop_rate=args.drop, drop_path_rate=args.drop_path).model.train()
+    overrides = {k: v for k, v in dict(input_size=args.input_size, mean=args.mean, std=args.std).items() if v}
+    data_config = resolve_data_config(overrides, model=model)
+    if mode.needs_dual_bn:
+        model = to_dual_bn(model)
+    if info.distributed and not args.no_sync_bn:
+        model = convert_sync_dual_bn(model)  # clean and adversarial statistics each reduced over all ranks
+    model.to(info.device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model, data_config
+
+
+def _create_optimization(args: argparse.Namespace, model: nn.Module, steps_per_epoch: int, info: DistInfo,
+                         amp_dtype: Optional[torch.dtype]) -> Dict[str, Any]:
+    """timm's optimizer, per-step scheduler and EMA, the fp16 GradScaler and the loss, as TrainState fields."""
+    lr = args.lr if args.lr is not None else args.lr_base * args.batch_size * info.world_size / 256
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
+                                    momentum=args.momentum, **({'eps': args.opt_eps} if 'rmsprop' in args.opt else {}))
+    scheduler, num_epochs = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        decay_rate=args.decay_rate, warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr, min_lr=args.min_lr,
+        step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    return dict(
+        optimizer=optimizer, scheduler=scheduler, num_epochs=num_epochs,
+        ema=ModelEmaV3(model, decay=args.model_ema_decay, device=info.device) if args.model_ema else None,
+        scaler=torch.amp.GradScaler(info.device.type) if amp_dtype == torch.float16 else None,
+        criterion=LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else nn.CrossEntropyLoss())
+
+
+def _wrap_model(model: nn.Module, args: argparse.Namespace, info: DistInfo) -> Tuple[nn.Module, nn.Module]:
+    """``(step_model, attack_model)``: DDP for the training passes under torchrun, torch.compile on request."""
+    train_model = model
+    if info.distributed:
+        # with synchronised BNs every rank holds the same statistics: no per-forward buffer broadcast
+        sync_kw = 'forward_sync_buffers' if 'forward_sync_buffers' in inspect.signature(
+            DistributedDataParallel.__init__).parameters else 'broadcast_buffers'  # torch < 2.14 spelling
+        # Fast AdvProp's clean pass back-propagates outside DDP (see forward_loss): the main BNs are then
+        # not in the graph DDP sees, and finding them unused is what makes DDP all-reduce the gradients
+        # that pass left in their param.grad
+        train_model = DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == 'cuda' else None,
+            find_unused_parameters=args.mode == 'fast-advprop', **{sync_kw: args.no_sync_bn})
+    compiled = (lambda m: torch.compile(m, backend=args.compile_backend)) if args.compile else (lambda m: m)
+    step_model = compiled(train_model)
+    # DDP must only see training passes: under DDP the attack runs the unwrapped module
+    return step_model, compiled(model) if info.distributed else step_model
+
+
+def _resume(state: TrainState, path: Path) -> None:
+    """Load checkpoint ``path`` (verified before anything is touched) into every part of ``state``."""
+    ckpt = load_checkpoint(path, state.identity, state.model)
+    state.model.load_state_dict(ckpt['model'])
+    saved = ckpt['state']
+    state.optimizer.load_state_dict(saved['optimizer'])
+    state.scheduler.load_state_dict(saved['scheduler'])
+    if state.scaler is not None and saved.get('scaler'):
+        state.scaler.load_state_dict(saved['scaler'])
+    if state.ema is not None:
+        if ckpt['ema'] is None:
+            raise CheckpointError(f'{path}: has no EMA weights but this run keeps an EMA (--model-ema)')
+        state.ema.module.load_state_dict(ckpt['ema'])
+    state.num_updates, state.start_epoch, state.start_batch = saved['step'], saved['epoch'], saved['batch']
+    set_rng_state(saved['rng'][state.dist.rank] if isinstance(saved['rng'], list) else saved['rng'])
+    state.log.restore(saved['log'])
+    state.last_ckpt = path
+    if state.dist.primary:
+        print(f'resumed from {path} at step {state.num_updates} (epoch {state.start_epoch + 1}, '
+              f'batch {state.start_batch})')
+
+
+def setup(args: argparse.Namespace) -> TrainState:
+    """Everything a run needs, from parsed ``args``: checked input, process group, seeded model, loaders,
+    optimizer, schedule, EMA, the run folder, and the state of ``--resume``'s checkpoint."""
+    mode, classes = _check_args(args)  # a bad folder or flag fails here, before anything is built
+    amp_dtype = _AMP_DTYPES[args.amp]
+    info = init_distributed(args.device, timeout_s=args.dist_timeout)
+    if info.device.type == 'cpu' and args.cpu_malloc == 'reuse':
+        keep_freed_memory()  # an AdvProp step allocates its activations three times: most of it page faults
+    random_seed(args.seed, 0)
+    model, data_config = _create_model(args, args.num_classes or len(classes), mode, info)
+    train_loader, val_loader, _ = create_loaders(args, data_config, info.rank, info.world_size)
+    parts = _create_optimization(args, model, train_loader.sampler.steps_per_epoch, info, amp_dtype)
+    out = _output_dir(args) if info.primary else Path(args.output or '.')
+    identity = {'model': args.model, 'mode': args.mode, 'num_classes': model.num_classes,
+                'batch_size': args.batch_size, 'world_size': info.world_size, 'seed': args.seed}
+    state = TrainState(args=args, dist=info, mode=mode, model=model,
+                       step_model=model, attack_model=model,  # wrapped below, once a resume has loaded the weights
+                       data_config=data_config, train_loader=train_loader, val_loader=val_loader,
+                       amp_dtype=amp_dtype, out=out, identity=identity, log=RunLog(out, enabled=info.primary),
+                       **parts)
+    resume_from = latest_checkpoint(out / 'checkpoints') if args.resume == 'auto' else (
+        Path(args.resume) if args.resume else None)
+    if resume_from is not None:
+        _resume(state, resume_from)
+    if info.primary:
+        (out / 'args.json').write_text(json.dumps(vars(args), indent=2, default=str))
+    state.step_model, state.attack_model = _wrap_model(model, args, info)
+    return state
+
+
+def _checkpoint(state: TrainState, epoch: int, batch: int) -> None:
+    """Checkpoint the run at (``epoch``, ``batch``); a collective under torchrun, written by rank 0 only."""
+    saved = {'step': state.num_updates, 'epoch': epoch, 'batch': batch, 'optimizer': state.optimizer.state_dict(),
+             'scheduler': state.scheduler.state_dict(), 'scaler': state.scaler.state_dict() if state.scaler else None,
+             'rng': all_gather(rng_state(), state.dist), 'log': state.log.rows}
+    if not state.dist.primary:
+        return
+    state.last_ckpt = save_checkpoint(
+        state.out / 'checkpoints', state.num_updates, state.model.state_dict(), saved, state.identity,
+        ema_state=state.ema.module.state_dict() if state.ema is not None else None, keep=state.args.keep_checkpoints)
+
+
+def _nan_message(what: str, value: float, epoch: int, step: int, last_ckpt: Optional[Path]) -> str:
+    where = f'last good checkpoint: {last_ckpt}' if last_ckpt else 'no checkpoint was written yet'
+    return (f'non-finite {what} ({value}) at epoch {epoch + 1}, step {step + 1}; stopped before the update '
+            f'({where}; resume from it with --resume, perhaps with a lower --lr or --clip-grad)')
+
+
+def _backward_and_step(state: TrainState, loss: torch.Tensor, epoch: int) -> None:
+    """Back-propagate, check the gradient norm, clip, and take the optimizer step (through the GradScaler
+    under fp16, which skips the update itself when the gradients overflowed)."""
+    if state.scaler is not None:
+        state.scaler.scale(loss).backward()
+        state.scaler.unscale_(state.optimizer)
+    else:
+        loss.backward()
+    params = [p for p in state.model.parameters() if p.grad is not None]
+    if state.scaler is None:
+        # timm's dispatch_clip_grad returns no norm, and the NaN check needs one whether or not we clip
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        if not torch.isfinite(norm):
+            raise TrainingError(_nan_message('gradient norm', norm.item(), epoch, state.num_updates, state.last_ckpt))
+    if state.args.clip_grad:
+        dispatch_clip_grad(params, state.args.clip_grad)
+    if state.scaler is not None:
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+    else:
+        state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+
+
+def train_one_epoch(state: TrainState, epoch: int) -> Tuple[List[float], int]:
+    """Train ``epoch`` from the sampler's start batch until its end or ``--max-steps``, checkpointing as
+    asked. Returns this rank's sums (loss, clean loss, adversarial loss, images) and the batch reached."""
+    args, device = state.args, state.dist.device
+    mean, std = state.data_config['mean'], state.data_config['std']
+    state.model.train()
+    sampler = state.train_loader.sampler
+    sampler.set_epoch(epoch, state.start_batch if epoch == state.start_epoch else 0)
+    sums = [0.0, 0.0, 0.0, 0.0]  # loss, clean, adv, images (this rank)
+    t0 = time.perf_counter()
+    batches = tqdm(state.train_loader, desc=f'{args.mode} epoch {epoch + 1}/{state.num_epochs}', unit='batch',
+                   leave=False, dynamic_ncols=True) if state.progress else state.train_loader
+    batch_index = sampler.start
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        losses = modes.forward_loss(
+            state.step_model, x, y, state.criterion, state.mode, mean, std, autocast_dtype=state.amp_dtype,
+            grad_scale=state.scaler.get_scale() if state.scaler else 1.0, attack_model=state.attack_model)
+        if not torch.isfinite(losses.loss):
+            raise TrainingError(_nan_message('loss', losses.loss.item(), epoch, state.num_updates, state.last_ckpt))
+        _backward_and_step(state, losses.loss, epoch)
+        state.num_updates += 1
+        batch_index += 1
+        if state.ema is not None:
+            state.ema.update(state.model, step=state.num_updates)
+        state.scheduler.step_update(num_updates=state.num_updates)
+        n = len(x)
+        sums[0] += losses.loss.item() * n
+        sums[1] += losses.clean.item() * n
+        sums[2] += (losses.adv.item() if losses.adv is not None else 0.0) * n
+        sums[3] += n
+        if state.progress:
+            post = {'img/s': f'{sums[3] * state.dist.world_size / (time.perf_counter() - t0):.0f}',
+                    'clean': f'{losses.clean.item():.3f}'}
+            if losses.adv is not None:
+                post['adv'] = f'{losses.adv.item():.3f}'
+            batches.set_postfix(post)
+        if args.max_steps and state.num_updates >= args.max_steps:
+            state.stop = True
+        if (args.checkpoint_every and state.num_updates % args.checkpoint_every == 0) or state.stop:
+            _checkpoint(state, epoch, batch_index)
+        if state.stop:
+            break
+    return sums, batch_index
+
+
+def validate(model: nn.Module, loader: Iterable, mean: Sequence[float], std: Sequence[float], device: torch.device,
+             amp_dtype: Optional[torch.dtype], channels_last: bool, info: DistInfo) -> Dict[str, float]:
+    """Clean validation top-1 / top-5, summed over ranks (timm's eval sampler pads the last shard)."""
+    m = evaluate_accuracy(model, loader, mean, std, device=device, autocast_dtype=amp_dtype,
+                          channels_last=channels_last)
+    c1, c5, n = all_reduce_sum([m['top1'] * m['images'] / 100, m['top5'] * m['images'] / 100, m['images']], info)
+    return {'top1': 100 * c1 / n, 'top5': 100 * c5 / n, 'images': n}
+
+
+def _end_epoch(state: TrainState, epoch: int, sums: List[float], t0: float) -> None:
+    """Step the epoch schedule, validate, log the epoch's row (its images/s counts the validation, from
+    ``t0``) and checkpoint the epoch's end."""
+    state.scheduler.step(epoch + 1)
+    loss, clean, adv, seen = all_reduce_sum(sums, state.dist)
+    metrics = validate(state.model, state.val_loader, state.data_config['mean'], state.data_config['std'],
+                       state.dist.device, state.amp_dtype, state.args.channels_last, state.dist)
+    row = {'epoch': epoch + 1, 'step': state.num_updates, 'lr': state.optimizer.param_groups[0]['lr'],
+           'train_loss': loss / seen, 'clean_loss': clean / seen,
+           'adv_loss': adv / seen if state.args.mode != 'vanilla' else None,
+           'val_top1': metrics['top1'], 'images_per_s': seen / (time.perf_counter() - t0)}
+    state.log.append(row)
+    if state.progress:
+        print(f'{state.args.mode} epoch {epoch + 1}/{state.num_epochs}: loss {row["train_loss"]:.4f} '
+              f'val top-1 {row["val_top1"]:.2f}% ({row["images_per_s"]:.0f} img/s)')
+    _checkpoint(state, epoch + 1, 0)
+
+
+def _finish(state: TrainState, start: float) -> TrainResult:
+    """Fold the dual BNs away and, for a finished run, write the weights, the EMA's, the plot and the summary."""
+    args, mode = state.args, state.mode
+    plain = fold_dual_bn(copy.deepcopy(state.model)) if mode.needs_dual_bn else copy.deepcopy(state.model)
+    steps_per_epoch = state.train_loader.sampler.steps_per_epoch
+    finished = not state.stop or state.num_updates >= state.num_epochs * steps_per_epoch
+    summary = {'model': args.model, 'mode': args.mode, 'attack': str(mode.attack), 'epochs': state.num_epochs,
+               'steps': state.num_updates, 'finished': finished, 'world_size': state.dist.world_size,
+               'train_seconds': time.perf_counter() - start,
+               'val_top1': state.log.rows[-1]['val_top1'] if state.log.rows else None, 'output': str(state.out),
+               'last_checkpoint': str(state.last_ckpt) if state.last_ckpt else None,
+               'data_config': {k: state.data_config[k] for k in ('input_size', 'mean', 'std', 'interpolation',
+                                                                 'crop_pct')}}
+    if state.dist.primary and finished:
+        meta = {'format': 'pt', 'model': args.model, 'mode': args.mode, 'attack': str(mode.attack),
+                'epochs': str(state.num_epochs), 'advprop_zoo': __version__}
+        summary['weights'] = str(save_weights(plain.state_dict(), state.out / 'model.safetensors', metadata=meta))
+        if state.ema is not None:
+            ema = state.ema.module
+            ema_plain = fold_dual_bn(copy.deepcopy(ema)) if mode.needs_dual_bn else ema
+            save_weights(ema_plain.state_dict(), state.out / 'model_ema.safetensors', metadata={**meta, 'ema': 'true'})
+        summary['plot'] = state.log.plot(title=f'{args.model} {args.mode}')
+        state.log.write_summary(summary)
+    return TrainResult(summary, plain, state.val_loader, state.data_config)
+
+
+def train(args: argparse.Namespace) -> TrainResult:
+    """Run one training job described by parsed ``args``, in this process or as one rank of a torchrun
+    job. Raises TrainingError / CheckpointError / DataError / ValueError on bad input, before anything
+    long starts where it can."""
+    state = setup(args)
+    start = time.perf_counter()
+    steps_per_epoch = state.train_loader.sampler.steps_per_epoch
+    for epoch in range(state.start_epoch, state.num_epochs):
+        t0 = time.perf_counter()
+        sums, batch_index = train_one_epoch(state, epoch)
+        if state.stop and batch_index < steps_per_epoch:
+            break  # stopped mid-epoch by --max-steps: its checkpoint resumes here
+        _end_epoch(state, epoch, sums, t0)
+        if state.stop:
+            break
+    return _finish(state, start)
