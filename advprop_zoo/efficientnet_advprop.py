@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List
 import torch
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from safetensors import SafetensorError
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models._efficientnet_builder import BN_EPS_TF_DEFAULT
 from timm.models.efficientnet import EfficientNet, _gen_efficientnet
 
@@ -177,13 +177,17 @@ def _create(variant: AdvPropVariant, pretrained: bool = False, **kwargs) -> Effi
     kwargs.setdefault('pad_type', 'same')
     kwargs.setdefault('drop_rate', variant.dropout)
     kwargs.setdefault('drop_path_rate', DROP_PATH_RATE)
+    source = None
     if pretrained:
-        check_pretrained_source(
-            variant.name,
-            pretrained_cfg=kwargs.get('pretrained_cfg'),
-            pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'),
-            cache_dir=kwargs.get('cache_dir'),
-        )
+        try:
+            source = check_pretrained_source(
+                variant.name,
+                pretrained_cfg=kwargs.get('pretrained_cfg'),
+                pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'),
+                cache_dir=kwargs.get('cache_dir'),
+            )
+        except WeightsError as e:
+            raise WeightsError(f'{e}{_unpublished_hint(variant, kwargs)}') from None
         kwargs.setdefault('pretrained_filter_fn', _checkpoint_filter)
     try:
         return _gen_efficientnet(
@@ -197,8 +201,23 @@ def _create(variant: AdvPropVariant, pretrained: bool = False, **kwargs) -> Effi
         raise
     except Exception as e:  # translate loader failures that slipped past the pre-checks
         if pretrained and _is_weights_failure(e):
-            raise WeightsError(f'{variant.name}: loading pretrained weights failed: {type(e).__name__}: {e}') from e
+            first = (str(e).strip().splitlines() or [''])[0]
+            hint = _unpublished_hint(variant, kwargs) if source and source[0] == 'hf-hub' else ''
+            raise WeightsError(f'{variant.name}: loading pretrained weights failed: {type(e).__name__}: {first}'
+                               f'{hint}') from e
         raise
+
+
+def _unpublished_hint(variant: AdvPropVariant, kwargs: Dict[str, Any]) -> str:
+    """For the .ap_in1k_zoo tag: its Hub repo exists only once this project's conversion is published."""
+    cfg = resolve_pretrained_cfg(variant.name, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                 pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+    hub_id = (cfg.hf_hub_id or '') if cfg is not None and not cfg.file else ''
+    if not hub_id.startswith(f'{HUB_ORG}/'):
+        return ''
+    return (f'. {hub_id} is this project\'s own conversion, not yet published on the Hub as of this release: '
+            f'convert the TF release yourself (python convert/tf_to_timm.py --checkpoint {variant.tf_scope}.tar.gz --output '
+            f'b{variant.level}.safetensors), publish it with hub/publish.py, or load the default tag .{DEFAULT_TAG}')
 
 
 def _is_weights_failure(e: Exception) -> bool:

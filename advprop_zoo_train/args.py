@@ -28,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
     g.add_argument('--reprob', type=float, default=0.0, help='random erasing probability')
     g.add_argument('--workers', type=int, default=2, help='data loader worker processes')
+    g.add_argument('--strict-images', action='store_true',
+                   help='stop with an error naming the first unreadable image (a truncated file, a non-image under '
+                        'an image name) in train/ or val/; by default each is left out of its batches and named in '
+                        'one warning, and the training ones skipped are counted in the epoch line and summary.json')
     g = p.add_argument_group('model')
     g.add_argument('--model', default=None,
                    help='timm model name; default: efficientnet_b0_advprop, or test_efficientnet on the digits')

@@ -15,7 +15,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -23,11 +23,13 @@ import torch
 from advprop_zoo.errors import AdvPropZooError
 from advprop_zoo.weights import check_state_dict, load_weights, save_weights, sha256_file
 
-__all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'latest_checkpoint', 'rng_state',
-           'set_rng_state']
+__all__ = ['CheckpointError', 'save_checkpoint', 'verify_checkpoint', 'load_checkpoint', 'latest_checkpoint',
+           'find_resumable', 'mark_diverged', 'rng_state', 'set_rng_state']
 
 FORMAT = 1
 _PREFIX = 'step-'
+_DIVERGED = 'diverged-'  # a checkpoint whose weights made the next step's loss non-finite: never resumed by auto
+_REQUIRED = ('model.safetensors', 'state.pt')
 
 
 class CheckpointError(AdvPropZooError, RuntimeError):
@@ -131,12 +133,9 @@ def latest_checkpoint(folder: Path) -> Optional[Path]:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, identity: Dict[str, Any], model: torch.nn.Module) -> Dict[str, Any]:
-    """Verify and load checkpoint ``path`` for a run described by ``identity`` and ``model``.
-
-    Returns ``{'model': state dict, 'ema': state dict or None, 'state': ..., 'step': int}``. Raises
-    CheckpointError before anything is changed if the folder is incomplete, a file is missing, has the
-    wrong size or checksum, or the checkpoint belongs to another model / mode / class count."""
+def verify_checkpoint(path: Path) -> Dict[str, Any]:
+    """The manifest of checkpoint ``path`` once every file it lists is there with its size and checksum;
+    CheckpointError naming the folder or file and the problem otherwise (a damaged manifest included)."""
     path = Path(path)
     manifest_path = path / 'manifest.json'
     if not path.is_dir():
@@ -145,12 +144,23 @@ def load_checkpoint(path: Path, identity: Dict[str, Any], model: torch.nn.Module
         raise CheckpointError(f'{path}: not a complete checkpoint (no manifest.json)')
     try:
         manifest = json.loads(manifest_path.read_text())
-        files = manifest['files']
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f'{path}: corrupt manifest.json ({e})') from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f'{manifest_path}: corrupt ({e})') from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f'{manifest_path}: corrupt (not a JSON object)')
     if manifest.get('format') != FORMAT:
         raise CheckpointError(f'{path}: checkpoint format {manifest.get("format")!r}, this version reads {FORMAT}')
+    files, identity, step = manifest.get('files'), manifest.get('identity'), manifest.get('step')
+    if not (isinstance(files, dict) and isinstance(identity, dict) and isinstance(step, int)):
+        raise CheckpointError(f'{manifest_path}: corrupt (files, identity or step missing or of the wrong type)')
+    for name in _REQUIRED:
+        if name not in files:
+            raise CheckpointError(f'{manifest_path}: lists no {name}')
     for name, info in files.items():
+        if not (isinstance(name, str) and name == Path(name).name and not name.startswith('.')
+                and isinstance(info, dict) and isinstance(info.get('bytes'), int)
+                and isinstance(info.get('sha256'), str)):
+            raise CheckpointError(f'{manifest_path}: corrupt entry for {name!r}')
         f = path / name
         if not f.is_file():
             raise CheckpointError(f'{path}: {name} is missing')
@@ -158,18 +168,54 @@ def load_checkpoint(path: Path, identity: Dict[str, Any], model: torch.nn.Module
             raise CheckpointError(f'{f}: {f.stat().st_size} bytes, manifest says {info["bytes"]} (truncated?)')
         if sha256_file(f) != info['sha256']:
             raise CheckpointError(f'{f}: checksum mismatch, the file is damaged')
+    return manifest
+
+
+def find_resumable(folder: Path) -> Tuple[Optional[Path], List[Tuple[Path, str]]]:
+    """``--resume auto``: the newest checkpoint in ``folder`` that verifies, and the newer ones skipped
+    with the reason each failed. ``(None, [])`` when the folder holds no checkpoint yet."""
+    latest_checkpoint(folder)  # removes leftover temp folders of a killed run
+    skipped = []
+    for path in reversed(_checkpoints(folder)):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            skipped.append((path, str(e)))
+            continue
+        return path, skipped
+    return None, skipped
+
+
+def mark_diverged(path: Path) -> Path:
+    """Rename checkpoint ``path`` so that ``--resume auto`` never picks it again; nothing is deleted."""
+    target = path.with_name(_DIVERGED + path.name)
+    os.replace(path, target)
+    return target
+
+
+def load_checkpoint(path: Path, identity: Dict[str, Any], model: torch.nn.Module) -> Dict[str, Any]:
+    """Verify and load checkpoint ``path`` for a run described by ``identity`` and ``model``.
+
+    Returns ``{'model': state dict, 'ema': state dict or None, 'state': ..., 'step': int}``. Raises
+    CheckpointError before anything is changed if the folder is incomplete, a file is missing, has the
+    wrong size or checksum, or the checkpoint belongs to another model / mode / class count."""
+    path = Path(path)
+    manifest = verify_checkpoint(path)
+    files = manifest['files']
     mismatch = {k: (manifest['identity'].get(k), v) for k, v in identity.items() if manifest['identity'].get(k) != v}
     if mismatch:
         key, (had, want) = next(iter(mismatch.items()))
         raise CheckpointError(f'{path}: checkpoint has {key}={had!r}, this run has {key}={want!r}')
-    model_state = load_weights(path / 'model.safetensors')
     try:
+        model_state = load_weights(path / 'model.safetensors')
         check_state_dict(model_state, model)
-    except Exception as e:
+    except AdvPropZooError as e:
         raise CheckpointError(f'{path}: {e}') from None
     try:
         state = torch.load(path / 'state.pt', map_location='cpu', weights_only=True)
     except Exception as e:
         raise CheckpointError(f'{path}: state.pt does not load with weights_only=True ({e})') from None
+    if not isinstance(state, dict) or not {'step', 'epoch', 'batch', 'optimizer', 'scheduler', 'rng'} <= set(state):
+        raise CheckpointError(f'{path}: state.pt does not hold a training state')
     ema = load_weights(path / 'ema.safetensors') if 'ema.safetensors' in files else None
     return {'model': model_state, 'ema': ema, 'state': state, 'step': manifest['step']}

@@ -7,13 +7,20 @@ start mid-epoch, and augmentation randomness drawn per image from (seed, epoch, 
 looks the same whichever process, worker or restart loads it. The sampler shards like
 ``DistributedSampler``: rank r of w takes every w-th index of the epoch's permutation, so w ranks
 with batch b see the same images per step as one process with batch w * b.
+
+Both datasets read through the library's ``ReadableImageDataset`` (``advprop_zoo.images``): an image that
+cannot be decoded arrives as a placeholder with a negative label instead of being silently swapped for
+the next sample. ``UnreadableImages`` is the loop's side: it drops the placeholders from each batch on
+the host, names each file in one warning the first time it is met (or, with ``--strict-images``, stops
+with an error naming it), and the train loop counts them per epoch.
 """
+import logging
 import os
 import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -22,9 +29,12 @@ from timm.data import create_dataset, create_loader, create_transform
 from torch.utils.data import Dataset, Sampler
 
 from advprop_zoo.errors import AdvPropZooError
+from advprop_zoo.images import ReadableImageDataset, split_unreadable
 
 __all__ = ['DataError', 'check_image_folder', 'digits_folder', 'create_loaders', 'ResumableSampler',
-           'SeededDataset']
+           'SeededDataset', 'UnreadableImages', 'CheckedLoader']
+
+_logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.ppm', '.webp', '.tif', '.tiff')
 DIGITS_SIZE = 32  # sklearn's 8x8 digits, upsampled so a real EfficientNet stem has room
@@ -137,8 +147,9 @@ class ResumableSampler(Sampler):
 
 
 class SeededDataset(Dataset):
-    """Wraps a timm dataset so the transform of sample ``index`` in ``epoch`` draws its randomness
-    (python, numpy, torch) from a seed of ``(seed, epoch, index)``, restoring the RNGs afterwards."""
+    """Wraps a dataset (timm's, read through ``ReadableImageDataset``) so the transform of sample ``index`` in
+    ``epoch`` draws its randomness (python, numpy, torch) from a seed of ``(seed, epoch, index)``, restoring the
+    RNGs afterwards."""
 
     def __init__(self, dataset: Dataset, seed: int = 0):
         self.dataset, self.seed = dataset, seed
@@ -161,12 +172,68 @@ class SeededDataset(Dataset):
             torch.set_rng_state(saved[2])
 
 
+class UnreadableImages:
+    """The train process's account of the unreadable images of one dataset: ``exclude`` drops them from a
+    batch (labels still on the host), warns once per file per run, naming it and why it cannot be read,
+    and with ``strict`` raises DataError for the first one instead."""
+
+    def __init__(self, dataset: ReadableImageDataset, strict: bool = False, what: str = 'training'):
+        self.dataset, self.strict, self.what = dataset, strict, what
+        self.reported: Set[int] = set()  # indices already named in a warning
+
+    def exclude(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
+        """``(x, y, names)``: the batch without its unreadable images, and their files (absolute paths)."""
+        x, y, indices = split_unreadable(x, y)
+        names = [self.dataset.filename(i, absolute=True) for i in indices]
+        for i, name in zip(indices, names):
+            if self.strict:
+                raise DataError(f'{name}: unreadable {self.what} image ({self._why(i)}); remove or replace it, or '
+                                'drop --strict-images to skip unreadable images with a warning')
+            if i not in self.reported:
+                self.reported.add(i)
+                _logger.warning(f'{name}: unreadable {self.what} image ({self._why(i)}); left out of every batch '
+                                'it falls in (warned once; --strict-images makes it an error)')
+        return x, y, names
+
+    def _why(self, index: int) -> str:
+        return self.dataset.read_error(index) or 'could not be read when loaded'
+
+
+class CheckedLoader:
+    """A loader whose batches come without their unreadable images (``UnreadableImages.exclude``): the
+    validation loader of a run, so its files are warned about (or refused) like the training set's."""
+
+    def __init__(self, loader, unreadable: UnreadableImages):
+        self.loader, self.unreadable = loader, unreadable
+
+    def __iter__(self):
+        for x, y in self.loader:
+            x, y, _ = self.unreadable.exclude(x, y)
+            if len(y):
+                yield x, y
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def dataset(self):
+        return self.loader.dataset
+
+    @property
+    def sampler(self):
+        return self.loader.sampler
+
+
 def create_loaders(args, data_config: Dict, rank: int = 0, world_size: int = 1):
-    """Train loader (resumable, seeded) and timm eval loader for ``args.data_dir``."""
+    """Train loader (resumable, seeded) and timm eval loader for ``args.data_dir``.
+
+    Both read through ``ReadableImageDataset``. The train loader carries ``.unreadable``, the
+    ``UnreadableImages`` the loop drops each batch's unreadable images with; the eval loader is a
+    ``CheckedLoader`` that drops them itself. ``args.strict_images`` makes either an error."""
     train_dir, val_dir, classes = resolve_splits(args.data_dir)
     common = dict(input_size=data_config['input_size'], interpolation=data_config['interpolation'],
                   mean=data_config['mean'], std=data_config['std'])
-    ds_train = create_dataset('', root=str(train_dir), is_training=True)
+    ds_train = ReadableImageDataset(create_dataset('', root=str(train_dir), is_training=True))
     ds_train.transform = create_transform(
         is_training=True, scale=tuple(args.scale), hflip=args.hflip, auto_augment=args.aa, re_prob=args.reprob,
         **common)
@@ -175,9 +242,11 @@ def create_loaders(args, data_config: Dict, rank: int = 0, world_size: int = 1):
         SeededDataset(ds_train, seed=args.seed), batch_size=args.batch_size, sampler=sampler,
         num_workers=args.workers, pin_memory=args.device.startswith('cuda'), drop_last=True,
         persistent_workers=False, generator=torch.Generator().manual_seed(args.seed))  # leaves the global RNG alone
-    ds_val = create_dataset('', root=str(val_dir), is_training=False)
+    train.unreadable = UnreadableImages(ds_train, strict=args.strict_images)
+    ds_val = ReadableImageDataset(create_dataset('', root=str(val_dir), is_training=False))
     val = create_loader(
         ds_val, batch_size=args.eval_batch_size or args.batch_size, is_training=False,
         crop_pct=data_config['crop_pct'], num_workers=args.workers, distributed=world_size > 1,
         use_prefetcher=False, pin_memory=args.device.startswith('cuda'), **common)
+    val = CheckedLoader(val, UnreadableImages(ds_val, strict=args.strict_images, what='validation'))
     return train, val, classes

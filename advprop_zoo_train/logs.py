@@ -6,7 +6,11 @@ from typing import Any, Dict, List, Optional
 
 from advprop_zoo.weights import atomic_write
 
-__all__ = ['RunLog']
+__all__ = ['RunLog', 'SUMMARY_ONLY']
+
+# row keys kept in the rows (summary.json's epochs_log, checkpoints) but not written to log.csv, whose
+# columns are a file format: unreadable training images skipped in the epoch
+SUMMARY_ONLY = ('unreadable_images',)
 
 
 class RunLog:
@@ -28,17 +32,19 @@ class RunLog:
             self.append(row)
 
     def append(self, row: Dict[str, Any]) -> None:
-        """Add one epoch's row; the first row (re)writes log.csv with its header."""
+        """Add one epoch's row; the first row (re)writes log.csv with its header (``SUMMARY_ONLY`` keys stay
+        out of the CSV)."""
         if not self.enabled:
             self.rows.append(row)
             return
         path = self.folder / 'log.csv'
         new = not self.rows
+        columns = {k: '' if v is None else v for k, v in row.items() if k not in SUMMARY_ONLY}
         with open(path, 'w' if new else 'a', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
+            writer = csv.DictWriter(f, fieldnames=list(columns))
             if new:
                 writer.writeheader()
-            writer.writerow({k: '' if v is None else v for k, v in row.items()})
+            writer.writerow(columns)
         self.rows.append(row)
 
     def write_summary(self, summary: Dict[str, Any]) -> Path:

@@ -38,8 +38,10 @@ from advprop_zoo.names import check_model_name
 from advprop_zoo.version import __version__
 from advprop_zoo.weights import save_weights
 
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, \
-    set_rng_state
+from .checkpoint import (
+    CheckpointError, find_resumable, load_checkpoint, mark_diverged, rng_state, save_checkpoint, set_rng_state,
+    verify_checkpoint,
+)
 from .data import create_loaders, digits_folder, resolve_splits
 from .distributed import DistInfo, all_gather, all_reduce_sum, init_distributed
 from .logs import RunLog
@@ -47,6 +49,13 @@ from .logs import RunLog
 __all__ = ['TrainingError', 'TrainResult', 'TrainState', 'setup', 'train_one_epoch', 'validate', 'train']
 
 _AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, None: None}
+# flags a checkpoint's optimizer and schedule state were built from: given differently on --resume, they win
+OPTIMIZER_FLAGS = ('opt', 'lr', 'lr_base', 'momentum', 'opt_eps', 'weight_decay')
+SCHEDULE_FLAGS = ('sched', 'epochs', 'decay_epochs', 'decay_rate', 'warmup_epochs', 'warmup_lr', 'min_lr')
+# flags read afresh every step (or when the model is built): reported when they differ, nothing to override
+STEP_FLAGS = ('clip_grad', 'smoothing', 'adv_weight', 'clean_weight', 'p_adv', 'attack', 'attack_eps', 'attack_steps',
+              'attack_step_size', 'untargeted', 'no_random_start', 'attack_bn_mode', 'drop', 'drop_path',
+              'model_ema_decay')
 
 
 class TrainingError(AdvPropZooError, RuntimeError):
@@ -89,7 +98,8 @@ class TrainState:
     num_updates: int = 0
     start_epoch: int = 0
     start_batch: int = 0
-    last_ckpt: Optional[Path] = None
+    last_ckpt: Optional[Path] = None  # the newest checkpoint whose weights gave a finite loss afterwards
+    unproven_ckpt: Optional[Path] = None  # written by this run, its weights not yet through a finite loss
     stop: bool = False  # --max-steps reached
 
     @property
@@ -120,6 +130,10 @@ def _check_args(args: argparse.Namespace) -> Tuple[modes.ModeConfig, List[str]]:
         raise ValueError('--batch-size and --epochs must be >= 1')
     if args.resume == 'auto' and not args.output:
         raise ValueError('--resume auto needs --output: the run folder to look for checkpoints in')
+    if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
+        raise ValueError(f'--output {args.output}: is a file; name a run folder')
+    if args.resume not in (None, 'auto'):
+        verify_checkpoint(Path(args.resume))  # a damaged or missing checkpoint fails before anything is written
     mode = modes.ModeConfig(mode=args.mode, attack=_attack_config(args, args.model), adv_weight=args.adv_weight,
                             clean_weight=args.clean_weight, p_adv=args.p_adv, split_bn=args.split_bn,
                             attack_bn_mode=args.attack_bn_mode)
@@ -190,13 +204,53 @@ def _wrap_model(model: nn.Module, args: argparse.Namespace, info: DistInfo) -> T
     return step_model, compiled(model) if info.distributed else step_model
 
 
+def _resume_path(args: argparse.Namespace, folder: Path, primary: bool) -> Optional[Path]:
+    """The checkpoint ``--resume`` names; for ``auto`` the newest in ``folder`` that verifies (each newer,
+    damaged one is skipped with a line saying why), or None on a first start."""
+    if args.resume != 'auto':
+        return Path(args.resume) if args.resume else None
+    path, skipped = find_resumable(folder)
+    if primary:
+        for bad, why in skipped:
+            print(f'--resume auto: skipped {bad.name}, it does not verify: {why}')
+    if path is None and skipped:
+        raise CheckpointError(f'{folder}: none of its {len(skipped)} checkpoints verifies; newest: {skipped[0][1]}')
+    return path
+
+
+def _flag(name: str) -> str:
+    return '--' + name.replace('_', '-')
+
+
+def _restore_optimization(state: TrainState, saved: Dict[str, Any], path: Path) -> None:
+    """Optimizer and schedule state from the checkpoint, except where the flags that built them were
+    given differently now: those take effect (fresh hyper-parameters, the schedule placed at the resumed
+    step), and one line says which flags override the saved state."""
+    before = saved.get('hparams') or {}  # absent in checkpoints written before flags could override
+    now = {k: getattr(state.args, k) for k in OPTIMIZER_FLAGS + SCHEDULE_FLAGS + STEP_FLAGS}
+    changed = [k for k in now if k in before and before[k] != now[k]]
+    fresh_groups = [{k: v for k, v in g.items() if k != 'params'} for g in state.optimizer.param_groups]
+    if 'opt' not in changed:
+        state.optimizer.load_state_dict(saved['optimizer'])  # per-parameter state (momentum, averages) kept
+    if set(changed) & set(OPTIMIZER_FLAGS):
+        for group, fresh in zip(state.optimizer.param_groups, fresh_groups):
+            group.update(fresh)
+    if set(changed) & set(OPTIMIZER_FLAGS + SCHEDULE_FLAGS):
+        state.scheduler.step_update(num_updates=saved['step'])  # this run's schedule at the resumed step
+    else:
+        state.scheduler.load_state_dict(saved['scheduler'])
+    if changed and state.dist.primary:
+        said = ', '.join(f'{_flag(k)} {now[k]} (was {before[k]})' for k in changed)
+        fresh = ' (optimizer state not restored)' if 'opt' in changed else ''
+        print(f'resume: {said} override {path.name}\'s saved settings{fresh}')
+
+
 def _resume(state: TrainState, path: Path) -> None:
     """Load checkpoint ``path`` (verified before anything is touched) into every part of ``state``."""
     ckpt = load_checkpoint(path, state.identity, state.model)
     state.model.load_state_dict(ckpt['model'])
     saved = ckpt['state']
-    state.optimizer.load_state_dict(saved['optimizer'])
-    state.scheduler.load_state_dict(saved['scheduler'])
+    _restore_optimization(state, saved, path)
     if state.scaler is not None and saved.get('scaler'):
         state.scaler.load_state_dict(saved['scaler'])
     if state.ema is not None:
@@ -232,8 +286,7 @@ def setup(args: argparse.Namespace) -> TrainState:
                        data_config=data_config, train_loader=train_loader, val_loader=val_loader,
                        amp_dtype=amp_dtype, out=out, identity=identity, log=RunLog(out, enabled=info.primary),
                        **parts)
-    resume_from = latest_checkpoint(out / 'checkpoints') if args.resume == 'auto' else (
-        Path(args.resume) if args.resume else None)
+    resume_from = _resume_path(args, out / 'checkpoints', info.primary)
     if resume_from is not None:
         _resume(state, resume_from)
     if info.primary:
@@ -244,20 +297,63 @@ def setup(args: argparse.Namespace) -> TrainState:
 
 def _checkpoint(state: TrainState, epoch: int, batch: int) -> None:
     """Checkpoint the run at (``epoch``, ``batch``); a collective under torchrun, written by rank 0 only."""
+    _check_finite_weights(state, epoch)
+    hparams = {k: getattr(state.args, k) for k in OPTIMIZER_FLAGS + SCHEDULE_FLAGS + STEP_FLAGS}
     saved = {'step': state.num_updates, 'epoch': epoch, 'batch': batch, 'optimizer': state.optimizer.state_dict(),
              'scheduler': state.scheduler.state_dict(), 'scaler': state.scaler.state_dict() if state.scaler else None,
-             'rng': all_gather(rng_state(), state.dist), 'log': state.log.rows}
+             'rng': all_gather(rng_state(), state.dist), 'log': state.log.rows, 'hparams': hparams}
     if not state.dist.primary:
         return
-    state.last_ckpt = save_checkpoint(
+    if state.unproven_ckpt is not None and state.unproven_ckpt.name == f'step-{state.num_updates:08d}':
+        state.unproven_ckpt = None  # the same step saved again (end of epoch after a periodic save)
+    if state.unproven_ckpt is not None:  # its weights are the ones this step's finite loss came from
+        state.last_ckpt = state.unproven_ckpt
+    state.unproven_ckpt = save_checkpoint(
         state.out / 'checkpoints', state.num_updates, state.model.state_dict(), saved, state.identity,
         ema_state=state.ema.module.state_dict() if state.ema is not None else None, keep=state.args.keep_checkpoints)
 
 
+def _nonfinite_key(*modules: nn.Module) -> Optional[str]:
+    """The first floating tensor of ``modules``' state dicts with a NaN or Inf, or None (one host sync)."""
+    tensors = [(k, t) for m in modules for k, t in m.state_dict().items() if t.is_floating_point()]
+    finite = torch.stack([torch.isfinite(t).all() for _, t in tensors]).cpu()
+    return None if bool(finite.all()) else tensors[int((~finite).nonzero()[0])][0]
+
+
+def _check_finite_weights(state: TrainState, epoch: int) -> None:
+    """A checkpoint or the final weights must never hold a NaN or Inf: stop instead of writing them."""
+    key = _nonfinite_key(state.model, *([state.ema.module] if state.ema is not None else []))
+    if key is not None:
+        raise TrainingError(_nan_message(f'weight {key!r}', float('nan'), epoch, state.num_updates - 1,
+                                         _last_good(state)))
+
+
+def _last_good(state: TrainState) -> Optional[Path]:
+    """On a non-finite stop: the checkpoint a resume should start from. One this run wrote whose weights
+    have not yet given a finite loss is the diverged one: renamed so that --resume auto skips it."""
+    if state.unproven_ckpt is not None:
+        if state.dist.primary and state.unproven_ckpt.exists():
+            moved = mark_diverged(state.unproven_ckpt)
+            print(f'its weights diverged: {state.unproven_ckpt.name} renamed {moved.name} (--resume auto skips it)')
+        state.unproven_ckpt = None
+    return state.last_ckpt
+
+
 def _nan_message(what: str, value: float, epoch: int, step: int, last_ckpt: Optional[Path]) -> str:
-    where = f'last good checkpoint: {last_ckpt}' if last_ckpt else 'no checkpoint was written yet'
-    return (f'non-finite {what} ({value}) at epoch {epoch + 1}, step {step + 1}; stopped before the update '
-            f'({where}; resume from it with --resume, perhaps with a lower --lr or --clip-grad)')
+    if last_ckpt is None:
+        return (f'non-finite {what} ({value}) at epoch {epoch + 1}, step {step + 1}; stopped, nothing written '
+                f'(no good checkpoint yet: start again with a lower --lr or with --clip-grad)')
+    return (f'non-finite {what} ({value}) at epoch {epoch + 1}, step {step + 1}; stopped, nothing written (last '
+            f'good checkpoint: {last_ckpt}; resume with --resume {last_ckpt} and a lower --lr or --clip-grad: '
+            f'flags given on --resume override the saved ones)')
+
+
+def _check_finite_loss(state: TrainState, loss: torch.Tensor, epoch: int) -> None:
+    """Stop on a non-finite loss; a finite one proves the weights of the newest checkpoint good."""
+    if not torch.isfinite(loss):
+        raise TrainingError(_nan_message('loss', loss.item(), epoch, state.num_updates, _last_good(state)))
+    if state.unproven_ckpt is not None:
+        state.last_ckpt, state.unproven_ckpt = state.unproven_ckpt, None
 
 
 def _backward_and_step(state: TrainState, loss: torch.Tensor, epoch: int) -> None:
@@ -273,39 +369,54 @@ def _backward_and_step(state: TrainState, loss: torch.Tensor, epoch: int) -> Non
         # timm's dispatch_clip_grad returns no norm, and the NaN check needs one whether or not we clip
         norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
         if not torch.isfinite(norm):
-            raise TrainingError(_nan_message('gradient norm', norm.item(), epoch, state.num_updates, state.last_ckpt))
+            raise TrainingError(_nan_message('gradient norm', norm.item(), epoch, state.num_updates,
+                                             _last_good(state)))
     if state.args.clip_grad:
         dispatch_clip_grad(params, state.args.clip_grad)
-    if state.scaler is not None:
-        state.scaler.step(state.optimizer)
-        state.scaler.update()
-    else:
-        state.optimizer.step()
+    try:
+        if state.scaler is not None:
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+        else:
+            state.optimizer.step()
+    except RuntimeError as e:  # an lr so large that the step size itself overflows float32
+        if 'overflow' not in str(e):
+            raise
+        raise TrainingError(_nan_message(f'update ({e})', float('inf'), epoch, state.num_updates,
+                                         _last_good(state))) from None
     state.optimizer.zero_grad(set_to_none=True)
 
 
 def train_one_epoch(state: TrainState, epoch: int) -> Tuple[List[float], int]:
     """Train ``epoch`` from the sampler's start batch until its end or ``--max-steps``, checkpointing as
-    asked. Returns this rank's sums (loss, clean loss, adversarial loss, images) and the batch reached."""
+    asked. Returns this rank's sums (loss, clean loss, adversarial loss, images, unreadable images skipped)
+    and the batch reached. Unreadable images (``advprop_zoo.images`` placeholders) leave each batch on its
+    host label tensor, before the copy to the device; a batch with none left is a TrainingError."""
     args, device = state.args, state.dist.device
     mean, std = state.data_config['mean'], state.data_config['std']
     state.model.train()
     sampler = state.train_loader.sampler
     sampler.set_epoch(epoch, state.start_batch if epoch == state.start_epoch else 0)
-    sums = [0.0, 0.0, 0.0, 0.0]  # loss, clean, adv, images (this rank)
+    unreadable = state.train_loader.unreadable  # warns once per file, or raises under --strict-images
+    sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss, clean, adv, images, unreadable images skipped (this rank)
     t0 = time.perf_counter()
     batches = tqdm(state.train_loader, desc=f'{args.mode} epoch {epoch + 1}/{state.num_epochs}', unit='batch',
                    leave=False, dynamic_ncols=True) if state.progress else state.train_loader
     batch_index = sampler.start
     for x, y in batches:
+        x, y, skipped = unreadable.exclude(x, y)
+        if skipped:
+            sums[4] += len(skipped)
+            if not len(y):
+                raise TrainingError(f'every image of batch {batch_index + 1} of epoch {epoch + 1} is unreadable '
+                                    f'({len(skipped)}, e.g. {skipped[0]}); remove or replace them')
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         losses = modes.forward_loss(
             state.step_model, x, y, state.criterion, state.mode, mean, std, autocast_dtype=state.amp_dtype,
             grad_scale=state.scaler.get_scale() if state.scaler else 1.0, attack_model=state.attack_model)
-        if not torch.isfinite(losses.loss):
-            raise TrainingError(_nan_message('loss', losses.loss.item(), epoch, state.num_updates, state.last_ckpt))
+        _check_finite_loss(state, losses.loss, epoch)
         _backward_and_step(state, losses.loss, epoch)
         state.num_updates += 1
         batch_index += 1
@@ -343,19 +454,22 @@ def validate(model: nn.Module, loader: Iterable, mean: Sequence[float], std: Seq
 
 def _end_epoch(state: TrainState, epoch: int, sums: List[float], t0: float) -> None:
     """Step the epoch schedule, validate, log the epoch's row (its images/s counts the validation, from
-    ``t0``) and checkpoint the epoch's end."""
+    ``t0``; its ``unreadable_images``, the training images skipped, goes to summary.json and the epoch line,
+    not to log.csv) and checkpoint the epoch's end."""
     state.scheduler.step(epoch + 1)
-    loss, clean, adv, seen = all_reduce_sum(sums, state.dist)
+    loss, clean, adv, seen, unreadable = all_reduce_sum(sums, state.dist)
     metrics = validate(state.model, state.val_loader, state.data_config['mean'], state.data_config['std'],
                        state.dist.device, state.amp_dtype, state.args.channels_last, state.dist)
     row = {'epoch': epoch + 1, 'step': state.num_updates, 'lr': state.optimizer.param_groups[0]['lr'],
            'train_loss': loss / seen, 'clean_loss': clean / seen,
            'adv_loss': adv / seen if state.args.mode != 'vanilla' else None,
-           'val_top1': metrics['top1'], 'images_per_s': seen / (time.perf_counter() - t0)}
+           'val_top1': metrics['top1'], 'images_per_s': seen / (time.perf_counter() - t0),
+           'unreadable_images': int(unreadable)}  # not a log.csv column (logs.SUMMARY_ONLY)
     state.log.append(row)
     if state.progress:
+        skipped = f'; {int(unreadable)} unreadable image{"s" if unreadable != 1 else ""} skipped' if unreadable else ''
         print(f'{state.args.mode} epoch {epoch + 1}/{state.num_epochs}: loss {row["train_loss"]:.4f} '
-              f'val top-1 {row["val_top1"]:.2f}% ({row["images_per_s"]:.0f} img/s)')
+              f'val top-1 {row["val_top1"]:.2f}% ({row["images_per_s"]:.0f} img/s){skipped}')
     _checkpoint(state, epoch + 1, 0)
 
 
@@ -369,10 +483,11 @@ def _finish(state: TrainState, start: float) -> TrainResult:
                'steps': state.num_updates, 'finished': finished, 'world_size': state.dist.world_size,
                'train_seconds': time.perf_counter() - start,
                'val_top1': state.log.rows[-1]['val_top1'] if state.log.rows else None, 'output': str(state.out),
-               'last_checkpoint': str(state.last_ckpt) if state.last_ckpt else None,
+               'last_checkpoint': str(newest) if (newest := state.unproven_ckpt or state.last_ckpt) else None,
                'data_config': {k: state.data_config[k] for k in ('input_size', 'mean', 'std', 'interpolation',
                                                                  'crop_pct')}}
     if state.dist.primary and finished:
+        _check_finite_weights(state, state.num_epochs - 1)
         meta = {'format': 'pt', 'model': args.model, 'mode': args.mode, 'attack': str(mode.attack),
                 'epochs': str(state.num_epochs), 'advprop_zoo': __version__}
         summary['weights'] = str(save_weights(plain.state_dict(), state.out / 'model.safetensors', metadata=meta))

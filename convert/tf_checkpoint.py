@@ -181,8 +181,12 @@ def open_checkpoint(path: PathLike) -> Iterator[Checkpoint]:
                 raise WeightsError(f'{path}: no such tarball')
             hashed = [path]
             safe_extract(path, tmp)
-            prefix = resolve_prefix(tmp)
-            data = _data_files(prefix)
+            try:
+                prefix = resolve_prefix(tmp)
+                data = _data_files(prefix)
+            except WeightsError as e:  # name the tarball the user gave, not the temp dir it went into
+                said = str(e).replace(f'{tmp}/', f'{path}:').replace(tmp, str(path))
+                raise WeightsError(said.replace('in this folder', 'in this tarball')) from None
         else:
             prefix = resolve_prefix(path)
             data = _data_files(prefix)

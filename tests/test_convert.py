@@ -46,6 +46,7 @@ def assert_one_line_error(code, err, *needles):
     assert 'Traceback' not in err
     for n in needles:
         assert n in lines[0], lines[0]
+    return lines[0]
 
 
 def assert_nothing_written(folder: Path):
@@ -375,6 +376,19 @@ def test_truncated_tarball(capsys, tmp_path, b0_release, out):
     tarball.write_bytes(b0_release['tarball'].read_bytes()[:100_000])
     code, _, err = run(capsys, '--checkpoint', tarball, '--output', out / 'x.safetensors')
     assert_one_line_error(code, err, 'cannot unpack')
+    assert_nothing_written(out)
+
+
+def test_tarball_without_a_checkpoint_is_named_as_given(capsys, tmp_path, out):
+    """The message names the tarball the user gave, not the temp folder it was unpacked into (gone by then)."""
+    tarball = tmp_path / 'efficientnet-b0.tar.gz'
+    with tarfile.open(tarball, 'w:gz') as tar:
+        info = tarfile.TarInfo('efficientnet-b0/README.txt')
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b'hello'))
+    code, _, err = run(capsys, '--checkpoint', tarball, '--output', out / 'x.safetensors')
+    line = assert_one_line_error(code, err, str(tarball), 'no TF checkpoint in this tarball')
+    assert 'advprop-zoo-tf-' not in line
     assert_nothing_written(out)
 
 

@@ -222,3 +222,11 @@ def test_integer_tensor_for_a_float_parameter_is_refused(tmp_path):
     path = save_weights(sd, tmp_path / 'int.safetensors')
     with pytest.raises(WeightsError, match="'conv_stem.weight' holds int32 values; .* float32 .*floating-point"):
         timm.create_model('efficientnet_b0_advprop', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+def test_unpublished_zoo_tag_says_how_to_get_the_weights(hub_cache):
+    with pytest.raises(WeightsError, match='not yet published on the Hub.*convert/tf_to_timm.py.*hub/publish.py'):
+        timm.create_model('efficientnet_b0_advprop.ap_in1k_zoo', pretrained=True)
+    with pytest.raises(WeightsError) as e:  # the default tag is timm's, published: no such hint
+        timm.create_model('efficientnet_b0_advprop', pretrained=True)
+    assert 'not yet published' not in str(e.value)

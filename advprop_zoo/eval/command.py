@@ -18,6 +18,8 @@ DESCRIPTION = (
     'sweep over eps (0-255 pixel units), ImageNet-C per-corruption error, CE, mCE and relative mCE (AlexNet-'
     'normalised), ImageNet-A top-1 (logits cut to its 200 classes), Stylized-ImageNet top-1, or any ImageFolder. '
     'Preprocessing comes from the model\'s pretrained config through timm (size, bicubic, crop_pct, mean/std). '
+    'An image that cannot be read (a truncated file, a non-image under an image name) is left out of every number '
+    'and named: an excluded column and a line in the tables, "excluded" lists in the JSON. '
     'Prints Markdown tables; --output writes every number as JSON (written atomically). '
     '--compare A.json B.json prints two or more results side by side with deltas against the first.')
 

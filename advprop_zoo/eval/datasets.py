@@ -9,6 +9,10 @@ class map). The class lists are timm's own (``timm/data/_info``), the same files
 
 ImageNet-A has 200 of the 1000 classes: its labels are positions in its own sorted wnid list, and the
 1000-way logits are cut to those 200 columns, in that order (``LogitSubset``), before top-k.
+
+Every loader reads through ``advprop_zoo.images.ReadableImageDataset``: an image that cannot be decoded
+is excluded from the counts and named in the report, never replaced by another sample (timm's own
+``ImageDataset`` substitutes the next image, which an evaluation would then count twice).
 """
 import functools
 import os
@@ -21,6 +25,7 @@ from timm.data import create_dataset, create_loader
 from torch import nn
 
 from ..errors import AdvPropZooError
+from ..images import ReadableImageDataset
 from .imagenet_c import BENCHMARK_CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES
 
 __all__ = [
@@ -189,7 +194,8 @@ def create_eval_loader(
 ):
     """timm's dataset and eval loader over an ImageFolder ``root`` with explicit labels: transform from
     ``data_config`` (timm's ``resolve_data_config``: size, bicubic, crop_pct, mean/std), and on CUDA timm's
-    prefetcher, which normalises on the GPU."""
+    prefetcher, which normalises on the GPU. The dataset is wrapped in ``ReadableImageDataset``: an
+    unreadable image arrives as a placeholder with a negative label, which ``evaluate_accuracy`` excludes."""
     try:
         dataset = create_dataset('', root=str(root), split='validation', search_split=False,
                                  class_map=dict(class_map))
@@ -198,6 +204,7 @@ def create_eval_loader(
             raise EvalDataError(f'{dataset_name}: no images in {root} (looked for .jpg, .jpeg, .png, .webp '
                                 'files in its class folders)') from None
         raise
+    dataset = ReadableImageDataset(dataset)
     cuda = device.type == 'cuda'
     return create_loader(
         dataset, input_size=data_config['input_size'], batch_size=batch_size, is_training=False,

@@ -15,10 +15,14 @@ as in the detailed ``results``. Schema ``advprop-zoo-eval/1``::
     metrics       flat {name: number}: <set>_top1 / _top5 (set = imagenet, imagenet_a, stylized, folder),
                   <set>_<attack>_top1 / _top5 (attack e.g. pgd5_eps4, fgsm_eps1, pgd3_eps2_targeted),
                   imagenet_c_mce, imagenet_c_relative_mce, imagenet_c_error_<c>, imagenet_c_ce_<c>
-    results       clean {top1, top5, images, images_per_s}; robust [{name, kind, eps, steps, step_size,
-                  targeted, top1, top5, images, images_per_s}]; imagenet_c (see imagenet_c_summary)
+    results       clean {top1, top5, images, images_per_s, excluded}; robust [{name, kind, eps, steps,
+                  step_size, targeted, top1, top5, images, images_per_s, excluded}]; imagenet_c (see
+                  imagenet_c_summary, plus images and excluded)
 
 Accuracies, errors, CE and mCE are percentages (AlexNet's mCE = 100); eps is in 0-255 pixel units.
+``images`` counts the images evaluated; ``excluded`` lists the files that could not be read (a truncated
+JPEG, a non-image under an image name), relative to the run's folder (ImageNet-C: to ``data_dir``),
+which no number counts. Files written before ``excluded`` existed lack it: read it as ``[]``.
 """
 import datetime
 import json
@@ -127,7 +131,8 @@ def read_results(path: os.PathLike) -> Dict[str, Any]:
 
 
 def format_results(report: Mapping[str, Any]) -> str:
-    """Markdown tables of one report: headline numbers, the attack sweep, the ImageNet-C breakdown."""
+    """Markdown tables of one report: headline numbers, the attack sweep, the ImageNet-C breakdown; when
+    unreadable files were left out, an ``excluded`` column with their count and a line naming them."""
     res = report['results']
     w = report['weights']
     sha = (w.get('sha256') or '')[:12] or 'unknown'
@@ -135,15 +140,22 @@ def format_results(report: Mapping[str, Any]) -> str:
              f"(sha256 {sha}); input {'x'.join(map(str, report['data_config']['input_size']))}, "
              f"{report['data_config']['interpolation']}, crop {report['data_config']['crop_pct']:.3f}, "
              f"mean {_v(report['data_config'].get('mean'))} std {_v(report['data_config'].get('std'))}"]
+    runs = ([res['clean']] if res.get('clean') else []) + list(res.get('robust') or [])
+    if res.get('imagenet_c'):
+        runs.append(res['imagenet_c'])
+    show_excluded = any(r.get('excluded') for r in runs)
+    excluded_column = (lambda r: [len(r.get('excluded') or [])]) if show_excluded else (lambda r: [])
     if res.get('clean'):
         c = res['clean']
         clean_set = 'imagenet (clean)' if report['dataset'] == 'imagenet-c' else report['dataset']
-        parts.append(format_table(['set', 'images', 'top-1', 'top-5', 'img/s'],
-                                  [[clean_set, c['images'], _p(c['top1']), _p(c['top5']), f"{c['images_per_s']:.1f}"]]))
+        parts.append(format_table(['set', 'images', 'top-1', 'top-5', 'img/s'] + ['excluded'] * show_excluded,
+                                  [[clean_set, c['images'], _p(c['top1']), _p(c['top5']), f"{c['images_per_s']:.1f}"]
+                                   + excluded_column(c)]))
     if res.get('robust'):
         rows = [[r['name'], f"{r['eps']:g}", r['steps'], _p(r['top1']), _p(r['top5']), f"{r['images_per_s']:.1f}"]
-                for r in res['robust']]
-        parts.append(format_table(['attack', 'eps (px)', 'steps', 'top-1', 'top-5', 'img/s'], rows))
+                + excluded_column(r) for r in res['robust']]
+        parts.append(format_table(['attack', 'eps (px)', 'steps', 'top-1', 'top-5', 'img/s']
+                                  + ['excluded'] * show_excluded, rows))
     c = res.get('imagenet_c')
     if c:
         rows = []
@@ -155,7 +167,21 @@ def format_results(report: Mapping[str, Any]) -> str:
         rel = (_p(c['relative_mce']) if c['relative_mce'] is not None
                else 'n/a (needs all 15 corruptions and the clean error: --clean-dir)')
         parts.append(f'mCE {mce}; relative mCE {rel} (AlexNet = 100; lower is better)')
+    if show_excluded:
+        parts.append(_excluded_line(runs))
     return '\n\n'.join(parts)
+
+
+_NAMED = 20  # excluded files named in the printed report; the JSON lists them all
+
+
+def _excluded_line(runs: Sequence[Mapping[str, Any]]) -> str:
+    """One line naming the unreadable files the runs left out (each once: every attack run reads the same files)."""
+    names = list(dict.fromkeys(n for r in runs for n in r.get('excluded') or []))
+    shown = ', '.join(names[:_NAMED]) + (f' and {len(names) - _NAMED} more (all in the results JSON)'
+                                          if len(names) > _NAMED else '')
+    return (f'excluded {len(names)} unreadable file{"s" if len(names) != 1 else ""} (not counted in any number): '
+            f'{shown}')
 
 
 def _v(values: Optional[Sequence[float]]) -> str:

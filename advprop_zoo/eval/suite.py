@@ -6,6 +6,9 @@ eval-mode BNs), and ImageNet-C per-corruption errors, CE, mCE and relative mCE. 
 model's own pretrained config through timm (``resolve_data_config`` + timm's dataset and loader), so
 an AdvProp model gets mean = std = 0.5, bicubic resizing and its TF crop without being told.
 
+Unreadable images (a truncated JPEG, a non-image under an image name) are excluded from every count and
+named in each run's ``excluded`` (``advprop_zoo.images``), never replaced by another sample.
+
 For speed the model is evaluated BN-fused with TF 'same' padding made static for the eval size
 (``fuse_bn``): the same function up to float rounding (checked in the tests; ``fuse=False`` turns it off).
 """
@@ -214,15 +217,16 @@ def run_eval(cfg: EvalConfig) -> Dict[str, Any]:
         if clean_root is not None:
             results['clean'] = run(clean_root, clean_map, 'imagenet (clean)', name='imagenet')
         errors: Dict[str, Dict[int, float]] = {}
-        images = 0
+        images, excluded = 0, []
         for c, by in sets.items():
             errors[c] = {}
             for s, folder in by.items():
                 m = run(folder, maps[(c, s)], f'{c} s{s}', name='imagenet-c')
                 errors[c][s] = 100.0 - m['top1']
                 images += m['images']
+                excluded += [(folder.relative_to(root) / name).as_posix() for name in m['excluded']]
         clean_error = 100.0 - results['clean']['top1'] if 'clean' in results else None
-        results['imagenet_c'] = dict(imagenet_c_summary(errors, clean_error), images=images)
+        results['imagenet_c'] = dict(imagenet_c_summary(errors, clean_error), images=images, excluded=excluded)
     else:
         results['clean'] = run(root, clean_map, cfg.dataset, name=cfg.dataset)
         if attacks:
