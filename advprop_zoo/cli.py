@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('input', metavar='IN', help='dual-BN weights (.safetensors, or .pth/.bin loaded weights_only)')
     p.add_argument('output', metavar='OUT', help='plain weights to write (.safetensors)')
     p.add_argument('--model', required=True, help='timm model name the weights are for, e.g. efficientnet_b0_advprop')
-    p.add_argument('--num-classes', type=int, default=None, help='classifier size, if not the model default')
+    p.add_argument('--num-classes', type=int, default=None, help='classifier size (default: read from IN)')
     p.add_argument('--force', action='store_true', help='replace OUT if it exists')
     p.set_defaults(func=_cmd_fold)
 

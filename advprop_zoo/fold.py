@@ -18,7 +18,9 @@ from .dual_bn import (
     main_key,
 )
 from .names import check_model_name
-from .weights import PathLike, WeightsError, check_output_path, check_state_dict, load_weights, save_weights
+from .weights import (
+    PathLike, WeightsError, check_output_path, check_state_dict, classifier_size, load_weights, save_weights,
+)
 
 __all__ = ['fold_dual_bn', 'fold_state_dict', 'fold_checkpoint']
 
@@ -88,8 +90,10 @@ def fold_checkpoint(
     model_name = check_model_name(model_name)
     dst = check_output_path(dst, overwrite=overwrite)
     state_dict = load_weights(src)
+    if model_kwargs.get('num_classes') is None:  # the head size the file has, as load_model reads it
+        model_kwargs['num_classes'] = classifier_size(state_dict, model_name)
     with torch.device('meta'):  # shapes only: no memory, no init time
-        model = timm.create_model(model_name, **model_kwargs)
+        model = timm.create_model(model_name, **{k: v for k, v in model_kwargs.items() if v is not None})
     folded = fold_state_dict(state_dict, model)
     metadata = {'format': 'pt', 'model': model_name, 'advprop_zoo': f'folded from {Path(src).name}'}
     save_weights(folded, dst, metadata=metadata)

@@ -8,10 +8,9 @@ key and both shapes (``weights.check_state_dict``).
 """
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import timm
-import torch
 from torch import nn
 
 from .dual_bn import is_aux_key, to_dual_bn
@@ -19,7 +18,8 @@ from .fold import fold_state_dict
 from .fuse import fuse_bn
 from .names import check_model_name
 from .weights import (
-    PathLike, cached_weights_path, check_pretrained_source, check_state_dict, load_weights, local_dir_weights,
+    PathLike, cached_weights_path, check_pretrained_source, check_state_dict, classifier_size, load_weights,
+    local_dir_weights,
 )
 
 __all__ = ['LoadedModel', 'load_model', 'resolve_input_size']
@@ -54,13 +54,6 @@ def resolve_input_size(input_size: Optional[Sequence[int]], model: nn.Module) ->
     if len(size) != 3 or not all(isinstance(s, int) and s > 0 for s in size):
         raise ValueError(f'input size must be H, H W or C H W (positive ints), got {" ".join(map(str, input_size))}')
     return size
-
-
-def _classifier_size(state_dict: Dict[str, torch.Tensor], model_name: str) -> Optional[int]:
-    with torch.device('meta'):  # the head's name from the model's own config, without allocating it
-        head = timm.create_model(model_name).pretrained_cfg.get('classifier')
-    weight = state_dict.get(f'{head}.weight') if isinstance(head, str) else None
-    return int(weight.shape[0]) if weight is not None and weight.dim() >= 1 else None
 
 
 def _pretrained_file(source: str, loc: Any, model: nn.Module) -> Tuple[str, Optional[Path]]:
@@ -104,7 +97,7 @@ def load_model(
     aux = 0
     if checkpoint is not None:
         state_dict = load_weights(checkpoint)
-        num_classes = num_classes if num_classes is not None else _classifier_size(state_dict, model_name)
+        num_classes = num_classes if num_classes is not None else classifier_size(state_dict, model_name)
         if num_classes is not None:
             kwargs['num_classes'] = num_classes
         model = timm.create_model(model_name, **kwargs)

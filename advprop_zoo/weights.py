@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Tuple, Union
 
 import numpy as np
+import timm
 import torch
 from huggingface_hub import constants as hf_constants, try_to_load_from_cache
 from safetensors.torch import load_file, save_file
@@ -29,7 +30,7 @@ from .errors import AdvPropZooError
 __all__ = [
     'WeightsError', 'read_safetensors_header', 'check_weights_file', 'load_weights', 'save_weights', 'SafetensorsWriter',
     'atomic_write', 'check_output_path', 'sha256_file', 'check_state_dict', 'check_pretrained_source',
-    'cached_weights_path', 'local_dir_weights', 'current_umask',
+    'cached_weights_path', 'local_dir_weights', 'current_umask', 'classifier_size',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -352,6 +353,15 @@ def check_state_dict(
     unexpected = [k for k in state_dict if k not in target and k not in ignore]
     if unexpected and not allow_unexpected:
         raise WeightsError(f'weights hold {unexpected[0]!r} that the model does not have' + _more(len(unexpected)))
+
+
+def classifier_size(state_dict: Mapping[str, torch.Tensor], model_name: str) -> Optional[int]:
+    """The number of classes ``state_dict``'s classifier has, its name taken from ``model_name``'s own config
+    (``pretrained_cfg['classifier']``); None where the weights hold no such head."""
+    with torch.device('meta'):  # the config without allocating the model
+        head = timm.create_model(model_name).pretrained_cfg.get('classifier')
+    weight = state_dict.get(f'{head}.weight') if isinstance(head, str) else None
+    return int(weight.shape[0]) if weight is not None and weight.dim() >= 1 else None
 
 
 def _more(n: int) -> str:

@@ -52,3 +52,42 @@ def test_cli_output_that_is_a_folder(capsys, tmp_path):
     (tmp_path / 'out.safetensors').mkdir()
     cli_fails(capsys, ['fold', str(tmp_path / 'missing.safetensors'), str(tmp_path / 'out.safetensors'),
                        '--model', 'efficientnet_b0_advprop'], 'is a folder')
+
+
+def _dual_file(tmp_path):
+    import timm
+    from advprop_zoo import save_weights, to_dual_bn
+    return save_weights(to_dual_bn(timm.create_model('efficientnet_b0_advprop', num_classes=10)).state_dict(),
+                        tmp_path / 'dual.safetensors')
+
+
+def test_read_only_output_folder_is_found_before_any_work(capsys, tmp_path, monkeypatch):
+    """As root a chmod'ed folder stays writable, so the OS's answer is simulated where the probe asks it."""
+    import tempfile
+
+    import advprop_zoo.weights as weights
+    src = _dual_file(tmp_path)
+    (tmp_path / 'ro').mkdir()
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, 'Read-only file system', str(tmp_path / 'ro'))
+    monkeypatch.setattr(weights.tempfile, 'TemporaryFile', read_only)
+    line = cli_fails(capsys, ['fold', str(src), str(tmp_path / 'ro' / 'out.safetensors'), '--model',
+                              'efficientnet_b0_advprop'], 'cannot write to', 'ro')
+    assert 'Traceback' not in line and not list((tmp_path / 'ro').iterdir())
+    monkeypatch.setattr(weights.tempfile, 'TemporaryFile', tempfile.TemporaryFile)
+
+
+def test_disk_full_mid_write_leaves_nothing(capsys, tmp_path, monkeypatch):
+    import advprop_zoo.weights as weights
+    src = _dual_file(tmp_path)
+
+    def full(tensors, filename, metadata=None):
+        with open(filename, 'wb') as f:
+            f.write(b'partial')
+        raise OSError(errno.ENOSPC, 'No space left on device', filename)
+    monkeypatch.setattr(weights, 'save_file', full)
+    out = tmp_path / 'out.safetensors'
+    line = cli_fails(capsys, ['fold', str(src), str(out), '--model', 'efficientnet_b0_advprop'],
+                     'no space left on device')
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ['dual.safetensors'], line

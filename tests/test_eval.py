@@ -325,3 +325,9 @@ def test_imagenet_c_layout_errors(toy, tmp_path, capsys):
     assert list(report['results']['imagenet_c']['corruptions']) == ['snow', 'frost']
     assert report['results']['imagenet_c']['mce'] is None and 'imagenet_c_mce' not in report['metrics']
     assert '--attack is not combined' in _error(capsys, _args(toy, root, '--dataset', 'imagenet-c', '--attack', 'pgd'))
+
+
+def test_output_that_is_a_folder_is_one_line(toy, imagenet_tree, tmp_path, capsys):
+    (tmp_path / 'r.json').mkdir()
+    err = _error(capsys, _args(toy, imagenet_tree, '--output', str(tmp_path / 'r.json')))
+    assert str(tmp_path / 'r.json') in err and 'is a folder' in err

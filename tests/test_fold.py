@@ -101,7 +101,9 @@ def test_fold_command_errors_leave_no_file(dual_file, tmp_path, capsys):
            "shape mismatch for 'blocks.0.0.bn1.bias': weights have (32,), model EfficientNet expects (40,)")
     cli_fails(capsys, ['fold', str(dual_file), str(out), '--model', 'efficientnet_b1_advprop', '--num-classes', '10'],
            "weights lack 'blocks.0.1.conv_dw.weight' that the model expects")
-    cli_fails(capsys, ['fold', str(dual_file), str(out), '--model', ARCH], "shape mismatch for 'classifier.bias': weights have (10,), model EfficientNet expects (1000,)")
+    # the head size is read from the file (as load_model does); an explicit one that does not fit is named
+    cli_fails(capsys, ['fold', str(dual_file), str(out), '--model', ARCH, '--num-classes', '1000'],
+              "shape mismatch for 'classifier.bias': weights have (10,), model EfficientNet expects (1000,)")
     cli_fails(capsys, ['fold', str(tmp_path / 'nope.safetensors'), str(out), '--model', ARCH], 'no such weights file')
     cut = tmp_path / 'cut.safetensors'
     cut.write_bytes(dual_file.read_bytes()[:5000])
