@@ -224,6 +224,26 @@ class CheckedLoader:
         return self.loader.sampler
 
 
+class TrainLoader:
+    """What the train loop needs of a training loader, whatever the dataset: batches, ``steps_per_epoch``
+    (the same on every rank), ``set_epoch(epoch, start_batch)`` (returns the batch it starts at: a map-style
+    set resumes mid-epoch exactly, an iterable one only at an epoch boundary), and ``unreadable``."""
+
+    def __init__(self, loader, sampler: ResumableSampler, unreadable: UnreadableImages):
+        self.loader, self.sampler, self.unreadable = loader, sampler, unreadable
+        self.steps_per_epoch = sampler.steps_per_epoch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> int:
+        self.sampler.set_epoch(epoch, start_batch)
+        return start_batch
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
 def create_loaders(args, data_config: Dict, rank: int = 0, world_size: int = 1):
     """Train loader (resumable, seeded) and timm eval loader for ``args.data_dir``.
 
@@ -242,7 +262,7 @@ def create_loaders(args, data_config: Dict, rank: int = 0, world_size: int = 1):
         SeededDataset(ds_train, seed=args.seed), batch_size=args.batch_size, sampler=sampler,
         num_workers=args.workers, pin_memory=args.device.startswith('cuda'), drop_last=True,
         persistent_workers=False, generator=torch.Generator().manual_seed(args.seed))  # leaves the global RNG alone
-    train.unreadable = UnreadableImages(ds_train, strict=args.strict_images)
+    train = TrainLoader(train, sampler, UnreadableImages(ds_train, strict=args.strict_images))
     ds_val = ReadableImageDataset(create_dataset('', root=str(val_dir), is_training=False))
     val = create_loader(
         ds_val, batch_size=args.eval_batch_size or args.batch_size, is_training=False,

@@ -277,7 +277,7 @@ def setup(args: argparse.Namespace) -> TrainState:
     random_seed(args.seed, 0)
     model, data_config = _create_model(args, args.num_classes or len(classes), mode, info)
     train_loader, val_loader, _ = create_loaders(args, data_config, info.rank, info.world_size)
-    parts = _create_optimization(args, model, train_loader.sampler.steps_per_epoch, info, amp_dtype)
+    parts = _create_optimization(args, model, train_loader.steps_per_epoch, info, amp_dtype)
     out = _output_dir(args) if info.primary else Path(args.output or '.')
     identity = {'model': args.model, 'mode': args.mode, 'num_classes': model.num_classes,
                 'batch_size': args.batch_size, 'world_size': info.world_size, 'seed': args.seed}
@@ -395,14 +395,13 @@ def train_one_epoch(state: TrainState, epoch: int) -> Tuple[List[float], int]:
     args, device = state.args, state.dist.device
     mean, std = state.data_config['mean'], state.data_config['std']
     state.model.train()
-    sampler = state.train_loader.sampler
-    sampler.set_epoch(epoch, state.start_batch if epoch == state.start_epoch else 0)
+    start = state.train_loader.set_epoch(epoch, state.start_batch if epoch == state.start_epoch else 0)
     unreadable = state.train_loader.unreadable  # warns once per file, or raises under --strict-images
     sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss, clean, adv, images, unreadable images skipped (this rank)
     t0 = time.perf_counter()
     batches = tqdm(state.train_loader, desc=f'{args.mode} epoch {epoch + 1}/{state.num_epochs}', unit='batch',
                    leave=False, dynamic_ncols=True) if state.progress else state.train_loader
-    batch_index = sampler.start
+    batch_index = start
     for x, y in batches:
         x, y, skipped = unreadable.exclude(x, y)
         if skipped:
@@ -477,7 +476,7 @@ def _finish(state: TrainState, start: float) -> TrainResult:
     """Fold the dual BNs away and, for a finished run, write the weights, the EMA's, the plot and the summary."""
     args, mode = state.args, state.mode
     plain = fold_dual_bn(copy.deepcopy(state.model)) if mode.needs_dual_bn else copy.deepcopy(state.model)
-    steps_per_epoch = state.train_loader.sampler.steps_per_epoch
+    steps_per_epoch = state.train_loader.steps_per_epoch
     finished = not state.stop or state.num_updates >= state.num_epochs * steps_per_epoch
     summary = {'model': args.model, 'mode': args.mode, 'attack': str(mode.attack), 'epochs': state.num_epochs,
                'steps': state.num_updates, 'finished': finished, 'world_size': state.dist.world_size,
@@ -506,7 +505,7 @@ def train(args: argparse.Namespace) -> TrainResult:
     long starts where it can."""
     state = setup(args)
     start = time.perf_counter()
-    steps_per_epoch = state.train_loader.sampler.steps_per_epoch
+    steps_per_epoch = state.train_loader.steps_per_epoch
     for epoch in range(state.start_epoch, state.num_epochs):
         t0 = time.perf_counter()
         sums, batch_index = train_one_epoch(state, epoch)
