@@ -77,6 +77,7 @@ def load_model(
         fold: bool = True,
         fuse: bool = False,
         input_size: Optional[Sequence[int]] = None,
+        use_ema: bool = False,
         **model_kwargs: Any,
 ) -> LoadedModel:
     """Build ``model_name`` holding the weights of ``checkpoint`` (safetensors, or a pickle loaded with
@@ -86,17 +87,20 @@ def load_model(
     with pretrained weights ``num_classes`` gives a fresh head, as in timm. A dual-BN checkpoint is folded
     to the plain model (``fold``), or loaded into the dual-BN model (``fold=False``). ``fuse`` folds every
     BN into its conv with 'same' padding static for ``input_size`` (default: the model's own), for
-    inference and export. ``model_kwargs`` go to ``timm.create_model`` (``drop_rate``, ...).
+    inference and export. ``use_ema``: a checkpoint's EMA weights (``state_dict_ema`` of a timm train.py
+    ``.pth.tar``; ``weights.load_weights``). ``model_kwargs`` go to ``timm.create_model`` (``drop_rate``, ...).
     """
     if ':' not in model_name:  # hf-hub: / local-dir: names are timm's to resolve; a .tag picks the weights
         check_model_name(model_name)
     if checkpoint is not None and pretrained:
         raise ValueError('give pretrained weights or a checkpoint, not both')
+    if use_ema and checkpoint is None:
+        raise ValueError('use_ema (--use-ema) picks the EMA weights of a checkpoint file; give one')
     kwargs = dict(model_kwargs)
     source = location = file = None
     aux = 0
     if checkpoint is not None:
-        state_dict = load_weights(checkpoint)
+        state_dict = load_weights(checkpoint, use_ema=use_ema)
         num_classes = num_classes if num_classes is not None else classifier_size(state_dict, model_name)
         if num_classes is not None:
             kwargs['num_classes'] = num_classes
@@ -114,7 +118,8 @@ def load_model(
         if num_classes is not None:
             kwargs['num_classes'] = num_classes
         if pretrained:
-            origin, loc = check_pretrained_source(model_name)  # a missing or broken file fails here, in one line
+            origin, loc = check_pretrained_source(  # a missing or broken file fails here, in one line
+                model_name, pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
         model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
         if pretrained:
             source = 'pretrained'

@@ -78,7 +78,8 @@ def forward_loss(
         grad_scale: float = 1.0,
         attack_model: Optional[nn.Module] = None,
 ) -> StepLosses:
-    """The loss of one batch ``x`` (model space, normalised with ``mean``/``std``) under ``cfg.mode``.
+    """The loss of one batch ``x`` (model space, normalised with ``mean``/``std``) under ``cfg.mode``. ``y``
+    holds class indices, or soft targets (mixup / cutmix) whose argmax the attack then targets around.
 
     ``grad_scale`` is the caller's GradScaler scale (fp16), applied to the gradients Fast AdvProp
     accumulates during its attack pass so they match the scaled loss the caller back-propagates.
@@ -91,9 +92,10 @@ def forward_loss(
     amp = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
 
     attacked = model if attack_model is None else attack_model
+    labels = y.argmax(-1) if y.dim() > 1 else y  # soft (mixup / cutmix) targets: the attack takes their argmax
 
     def make_adv(route):
-        return attack(attacked, x, y, cfg.attack, mean, std, bn_route=route, mode=cfg.attack_bn_mode,
+        return attack(attacked, x, labels, cfg.attack, mean, std, bn_route=route, mode=cfg.attack_bn_mode,
                       autocast_dtype=autocast_dtype)
 
     if cfg.mode == 'vanilla':

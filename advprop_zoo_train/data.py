@@ -255,18 +255,20 @@ def create_loaders(args, data_config: Dict, rank: int = 0, world_size: int = 1):
                   mean=data_config['mean'], std=data_config['std'])
     ds_train = ReadableImageDataset(create_dataset('', root=str(train_dir), is_training=True))
     ds_train.transform = create_transform(
-        is_training=True, scale=tuple(args.scale), hflip=args.hflip, auto_augment=args.aa, re_prob=args.reprob,
+        is_training=True, scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip,
+        color_jitter=args.color_jitter, auto_augment=args.aa, re_prob=args.reprob, re_mode=args.remode,
+        re_count=args.recount, **({'interpolation': args.train_interpolation} if args.train_interpolation else {}),
         **common)
     sampler = ResumableSampler(len(ds_train), args.batch_size, seed=args.seed, rank=rank, world_size=world_size)
     train = torch.utils.data.DataLoader(
         SeededDataset(ds_train, seed=args.seed), batch_size=args.batch_size, sampler=sampler,
-        num_workers=args.workers, pin_memory=args.device.startswith('cuda'), drop_last=True,
+        num_workers=args.workers, pin_memory=args.pin_mem, drop_last=True,
         persistent_workers=False, generator=torch.Generator().manual_seed(args.seed))  # leaves the global RNG alone
     train = TrainLoader(train, sampler, UnreadableImages(ds_train, strict=args.strict_images))
     ds_val = ReadableImageDataset(create_dataset('', root=str(val_dir), is_training=False))
     val = create_loader(
-        ds_val, batch_size=args.eval_batch_size or args.batch_size, is_training=False,
+        ds_val, batch_size=args.validation_batch_size or args.batch_size, is_training=False,
         crop_pct=data_config['crop_pct'], num_workers=args.workers, distributed=world_size > 1,
-        use_prefetcher=False, pin_memory=args.device.startswith('cuda'), **common)
+        use_prefetcher=False, pin_memory=args.pin_mem, **common)
     val = CheckedLoader(val, UnreadableImages(ds_val, strict=args.strict_images, what='validation'))
     return train, val, classes

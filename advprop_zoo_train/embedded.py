@@ -16,7 +16,7 @@ from advprop_zoo.eval.accuracy import evaluate_accuracy
 from advprop_zoo.eval.corruptions import TENSOR_CORRUPTIONS
 from advprop_zoo.table import format_table
 
-from .args import build_parser
+from .args import parse_args
 from .loop import TrainResult, train
 
 __all__ = ['DEMO_ARGS', 'DEMO_MODES', 'run_embedded']
@@ -47,7 +47,7 @@ def run_embedded(argv: Sequence[str] = ()) -> int:
     """Train and evaluate each demo mode (or only ``--mode`` when given) for ``--seeds`` seeds and print
     the table (mean ± std over seeds when there are several). Flags in ``argv`` override the demo's
     defaults, so ``advprop-zoo train --epochs 3`` is a shorter demo. Returns 0."""
-    user = build_parser().parse_args([*DEMO_ARGS, *argv])
+    user = parse_args([*DEMO_ARGS, *argv])
     modes = (user.mode,) if user.mode else DEMO_MODES
     seeds = range(user.seed, user.seed + max(1, user.seeds))
     progress = not user.no_progress
@@ -56,7 +56,7 @@ def run_embedded(argv: Sequence[str] = ()) -> int:
     results: Dict[str, List[Dict[str, float]]] = {m: [] for m in modes}
     for seed in seeds:
         for mode in modes:
-            args = build_parser().parse_args(
+            args = parse_args(
                 [*DEMO_ARGS, *argv, '--mode', mode, '--seed', str(seed), '--output', str(base / f'{mode}-seed{seed}')])
             t0 = time.perf_counter()
             result = train(args)

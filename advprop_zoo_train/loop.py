@@ -7,9 +7,10 @@ needs, checkpoints a resume continues bit-exactly, and folding the dual BNs away
 saved weights load into the plain timm model.
 """
 import argparse
+import contextlib
 import copy
 import inspect
-import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,17 +18,17 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from timm.data import resolve_data_config
-from timm.loss import LabelSmoothingCrossEntropy
-from timm.optim import create_optimizer_v2
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, dispatch_clip_grad, random_seed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 import advprop_zoo.modes as modes  # modes.forward_loss is looked up at each step: tests patch it there
 from advprop_zoo.attacks import AttackConfig
-from advprop_zoo.dual_bn import convert_sync_dual_bn, to_dual_bn
+from advprop_zoo.dual_bn import convert_sync_dual_bn, is_dual_bn, to_dual_bn
 from advprop_zoo.efficientnet_advprop import VARIANTS, paper_attacker
 from advprop_zoo.errors import AdvPropZooError
 from advprop_zoo.eval.accuracy import evaluate_accuracy
@@ -36,26 +37,29 @@ from advprop_zoo.load import load_model
 from advprop_zoo.malloc import keep_freed_memory
 from advprop_zoo.names import check_model_name
 from advprop_zoo.version import __version__
-from advprop_zoo.weights import save_weights
+from advprop_zoo.weights import atomic_write, save_weights
 
+from .args import args_yaml
 from .checkpoint import (
     CheckpointError, find_resumable, load_checkpoint, mark_diverged, rng_state, save_checkpoint, set_rng_state,
     verify_checkpoint,
 )
 from .data import create_loaders, digits_folder, resolve_splits
 from .distributed import DistInfo, all_gather, all_reduce_sum, init_distributed
-from .logs import RunLog
+from .logs import Progress, RunLog, start_wandb
+from .recipes import describe as describe_recipe
 
 __all__ = ['TrainingError', 'TrainResult', 'TrainState', 'setup', 'train_one_epoch', 'validate', 'train']
 
-_AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, None: None}
+_AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
 # flags a checkpoint's optimizer and schedule state were built from: given differently on --resume, they win
-OPTIMIZER_FLAGS = ('opt', 'lr', 'lr_base', 'momentum', 'opt_eps', 'weight_decay')
+OPTIMIZER_FLAGS = ('opt', 'lr', 'lr_base', 'lr_base_size', 'lr_base_scale', 'grad_accum_steps', 'momentum', 'opt_eps',
+                   'opt_betas', 'weight_decay')
 SCHEDULE_FLAGS = ('sched', 'epochs', 'decay_epochs', 'decay_rate', 'warmup_epochs', 'warmup_lr', 'min_lr')
 # flags read afresh every step (or when the model is built): reported when they differ, nothing to override
 STEP_FLAGS = ('clip_grad', 'smoothing', 'adv_weight', 'clean_weight', 'p_adv', 'attack', 'attack_eps', 'attack_steps',
               'attack_step_size', 'untargeted', 'no_random_start', 'attack_bn_mode', 'drop', 'drop_path',
-              'model_ema_decay')
+              'model_ema_decay', 'mixup', 'cutmix', 'mixup_prob', 'mixup_switch_prob', 'mixup_off_epoch')
 
 
 class TrainingError(AdvPropZooError, RuntimeError):
@@ -89,6 +93,7 @@ class TrainState:
     scheduler: Any
     num_epochs: int
     criterion: nn.Module
+    mixup: Optional[Mixup]  # timm's mixup / cutmix, when --mixup or --cutmix is on
     ema: Optional[ModelEmaV3]
     scaler: Optional[torch.amp.GradScaler]
     amp_dtype: Optional[torch.dtype]
@@ -101,6 +106,7 @@ class TrainState:
     last_ckpt: Optional[Path] = None  # the newest checkpoint whose weights gave a finite loss afterwards
     unproven_ckpt: Optional[Path] = None  # written by this run, its weights not yet through a finite loss
     stop: bool = False  # --max-steps reached
+    best: Optional[Dict[str, Any]] = None  # the epoch with the best --eval-metric so far
 
     @property
     def progress(self) -> bool:
@@ -125,13 +131,24 @@ def _check_args(args: argparse.Namespace) -> Tuple[modes.ModeConfig, List[str]]:
         args.model = args.model or 'test_efficientnet'
     args.model = args.model or 'efficientnet_b0_advprop'
     args.mode = args.mode or 'advprop'
+    args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')  # timm's default where it can
     check_model_name(args.model)
-    if args.batch_size < 1 or args.epochs < 1:
-        raise ValueError('--batch-size and --epochs must be >= 1')
-    if args.resume == 'auto' and not args.output:
-        raise ValueError('--resume auto needs --output: the run folder to look for checkpoints in')
-    if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
-        raise ValueError(f'--output {args.output}: is a file; name a run folder')
+    if args.batch_size < 1 or args.epochs < 1 or args.grad_accum_steps < 1:
+        raise ValueError('--batch-size, --epochs and --grad-accum-steps must be >= 1')
+    if args.resume == 'auto' and not (args.output or args.experiment):
+        raise ValueError('--resume auto needs --output (or --experiment): the run folder to look for checkpoints in')
+    run_dir = _run_dir(args)
+    if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f'--output {run_dir}: is a file; name a run folder')
+    given = [f for f in ('pretrained', 'pretrained_path', 'initial_checkpoint') if getattr(args, f)]
+    if len(given) > 1:
+        raise ValueError(f'give one of --pretrained, --pretrained-path, --initial-checkpoint, not {len(given)}')
+    if args.recipe == 'finetune' and not given:
+        raise ValueError('--recipe finetune starts from pretrained weights: add --pretrained, --pretrained-path or '
+                         '--initial-checkpoint')
+    if (args.mixup or args.cutmix) and args.batch_size % 2:
+        raise ValueError(f'--mixup / --cutmix pair images within a batch: --batch-size must be even, got '
+                         f'{args.batch_size}')
     if args.resume not in (None, 'auto'):
         verify_checkpoint(Path(args.resume))  # a damaged or missing checkpoint fails before anything is written
     mode = modes.ModeConfig(mode=args.mode, attack=_attack_config(args, args.model), adv_weight=args.adv_weight,
@@ -141,24 +158,55 @@ def _check_args(args: argparse.Namespace) -> Tuple[modes.ModeConfig, List[str]]:
     return mode, classes
 
 
+def _run_dir(args: argparse.Namespace) -> Optional[Path]:
+    """The run folder the flags name: ``--output``, or ``--output/--experiment`` as timm lays runs out;
+    None when the name is made at start (a time stamp)."""
+    if args.experiment:
+        return Path(args.output or Path('output') / 'train') / args.experiment
+    return Path(args.output) if args.output else None
+
+
 def _output_dir(args: argparse.Namespace) -> Path:
-    if args.output:
-        out = Path(args.output)
-    else:
+    out = _run_dir(args)
+    if out is None:
         stamp = time.strftime('%Y%m%d-%H%M%S')
         out = Path('output') / 'train' / f'{stamp}-{args.model.replace("/", "_")}-{args.mode}'
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
+def _check_run_dir_free(args: argparse.Namespace, info: DistInfo) -> None:
+    """A second run into a folder that holds a run is refused unless it resumes: its log and checkpoints
+    would be overwritten or pruned as old ones. Decided on rank 0, raised on every rank."""
+    out = _run_dir(args)
+    taken = info.primary and out is not None and args.resume is None and any(
+        (out / name).exists() for name in ('args.yaml', 'log.csv', 'checkpoints', 'model.safetensors'))
+    if all_reduce_sum([float(taken)], info)[0] > 0:
+        raise ValueError(f'{out} already holds a run; resume it with --resume auto (or a checkpoint), or choose '
+                         'another --output / --experiment')
+
+
+def _initial_model(args: argparse.Namespace, num_classes: int, mode: modes.ModeConfig) -> nn.Module:
+    """The model before training, through ``load_model``: fresh, timm's pretrained weights, a file taken as
+    the pretrained weights (``--pretrained-path``: a new head where the class count differs), or a
+    checkpoint loaded strictly (``--initial-checkpoint``; a dual-BN one stays dual where the mode is)."""
+    kwargs = dict(num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path)
+    if args.initial_checkpoint:
+        return load_model(args.model, checkpoint=args.initial_checkpoint, fold=not mode.needs_dual_bn,
+                          **kwargs).model
+    if args.pretrained_path:
+        return load_model(args.model, pretrained=True, pretrained_cfg_overlay=dict(file=args.pretrained_path),
+                          **kwargs).model
+    return load_model(args.model, pretrained=args.pretrained, **kwargs).model
+
+
 def _create_model(args: argparse.Namespace, num_classes: int, mode: modes.ModeConfig,
                   info: DistInfo) -> Tuple[nn.Module, Dict[str, Any]]:
     """The training model on its device (dual BNs, synchronised under torchrun) and its data config."""
-    model = load_model(args.model, pretrained=args.pretrained, num_classes=num_classes,
-                       drop_rate=args.drop, drop_path_rate=args.drop_path).model.train()
+    model = _initial_model(args, num_classes, mode).train()
     overrides = {k: v for k, v in dict(input_size=args.input_size, mean=args.mean, std=args.std).items() if v}
     data_config = resolve_data_config(overrides, model=model)
-    if mode.needs_dual_bn:
+    if mode.needs_dual_bn and not any(is_dual_bn(m) for m in model.modules()):
         model = to_dual_bn(model)
     if info.distributed and not args.no_sync_bn:
         model = convert_sync_dual_bn(model)  # clean and adversarial statistics each reduced over all ranks
@@ -168,21 +216,38 @@ def _create_model(args: argparse.Namespace, num_classes: int, mode: modes.ModeCo
     return model, data_config
 
 
+def resolve_lr(args: argparse.Namespace, world_size: int) -> float:
+    """``--lr``, or timm's rule: ``--lr-base`` scaled by the global effective batch (batch x ranks x
+    ``--grad-accum-steps``) over ``--lr-base-size``, linearly or (Ada*/LAMB by default) by its square root."""
+    if args.lr is not None:
+        return args.lr
+    ratio = args.batch_size * world_size * args.grad_accum_steps / args.lr_base_size
+    scale = args.lr_base_scale or ('sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear')
+    return args.lr_base * (ratio ** 0.5 if scale == 'sqrt' else ratio)
+
+
 def _create_optimization(args: argparse.Namespace, model: nn.Module, steps_per_epoch: int, info: DistInfo,
-                         amp_dtype: Optional[torch.dtype]) -> Dict[str, Any]:
-    """timm's optimizer, per-step scheduler and EMA, the fp16 GradScaler and the loss, as TrainState fields."""
-    lr = args.lr if args.lr is not None else args.lr_base * args.batch_size * info.world_size / 256
-    optimizer = create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
-                                    momentum=args.momentum, **({'eps': args.opt_eps} if 'rmsprop' in args.opt else {}))
+                         amp_dtype: Optional[torch.dtype], num_classes: int) -> Dict[str, Any]:
+    """timm's optimizer (its kwargs from the flags, ``--opt-eps``/``--opt-betas`` for any optimizer), per-update
+    scheduler, EMA, mixup and loss, and the fp16 GradScaler, as TrainState fields."""
+    eps = args.opt_eps if args.opt_eps is not None or args.opt != 'rmsproptf' else 1e-3  # the TF recipe's
+    opt_args = argparse.Namespace(**{**vars(args), 'lr': resolve_lr(args, info.world_size), 'opt_eps': eps})
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=opt_args))
     scheduler, num_epochs = create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
         decay_rate=args.decay_rate, warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr, min_lr=args.min_lr,
-        step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+        step_on_epochs=False, updates_per_epoch=math.ceil(steps_per_epoch / args.grad_accum_steps))
+    mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                  switch_prob=args.mixup_switch_prob, label_smoothing=args.smoothing,
+                  num_classes=num_classes) if args.mixup > 0 or args.cutmix > 0 else None
+    if mixup is not None:  # soft targets, smoothing already in them (as timm's train.py)
+        criterion = SoftTargetCrossEntropy()
+    else:
+        criterion = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else nn.CrossEntropyLoss()
     return dict(
-        optimizer=optimizer, scheduler=scheduler, num_epochs=num_epochs,
+        optimizer=optimizer, scheduler=scheduler, num_epochs=num_epochs, mixup=mixup, criterion=criterion,
         ema=ModelEmaV3(model, decay=args.model_ema_decay, device=info.device) if args.model_ema else None,
-        scaler=torch.amp.GradScaler(info.device.type) if amp_dtype == torch.float16 else None,
-        criterion=LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else nn.CrossEntropyLoss())
+        scaler=torch.amp.GradScaler(info.device.type) if amp_dtype == torch.float16 else None)
 
 
 def _wrap_model(model: nn.Module, args: argparse.Namespace, info: DistInfo) -> Tuple[nn.Module, nn.Module]:
@@ -198,7 +263,8 @@ def _wrap_model(model: nn.Module, args: argparse.Namespace, info: DistInfo) -> T
         train_model = DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == 'cuda' else None,
             find_unused_parameters=args.mode == 'fast-advprop', **{sync_kw: args.no_sync_bn})
-    compiled = (lambda m: torch.compile(m, backend=args.compile_backend)) if args.compile else (lambda m: m)
+    compiled = (lambda m: torch.compile(m, backend=args.torchcompile, mode=args.torchcompile_mode)) \
+        if args.torchcompile else (lambda m: m)
     step_model = compiled(train_model)
     # DDP must only see training passes: under DDP the attack runs the unwrapped module
     return step_model, compiled(model) if info.distributed else step_model
@@ -270,27 +336,34 @@ def setup(args: argparse.Namespace) -> TrainState:
     """Everything a run needs, from parsed ``args``: checked input, process group, seeded model, loaders,
     optimizer, schedule, EMA, the run folder, and the state of ``--resume``'s checkpoint."""
     mode, classes = _check_args(args)  # a bad folder or flag fails here, before anything is built
-    amp_dtype = _AMP_DTYPES[args.amp]
+    amp_dtype = _AMP_DTYPES[args.amp_dtype] if args.amp else None
     info = init_distributed(args.device, timeout_s=args.dist_timeout)
+    _check_run_dir_free(args, info)
     if info.device.type == 'cpu' and args.cpu_malloc == 'reuse':
         keep_freed_memory()  # an AdvProp step allocates its activations three times: most of it page faults
     random_seed(args.seed, 0)
     model, data_config = _create_model(args, args.num_classes or len(classes), mode, info)
     train_loader, val_loader, _ = create_loaders(args, data_config, info.rank, info.world_size)
-    parts = _create_optimization(args, model, train_loader.steps_per_epoch, info, amp_dtype)
-    out = _output_dir(args) if info.primary else Path(args.output or '.')
+    parts = _create_optimization(args, model, train_loader.steps_per_epoch, info, amp_dtype, model.num_classes)
+    out = _output_dir(args) if info.primary else (_run_dir(args) or Path('.'))
     identity = {'model': args.model, 'mode': args.mode, 'num_classes': model.num_classes,
                 'batch_size': args.batch_size, 'world_size': info.world_size, 'seed': args.seed}
     state = TrainState(args=args, dist=info, mode=mode, model=model,
                        step_model=model, attack_model=model,  # wrapped below, once a resume has loaded the weights
                        data_config=data_config, train_loader=train_loader, val_loader=val_loader,
-                       amp_dtype=amp_dtype, out=out, identity=identity, log=RunLog(out, enabled=info.primary),
+                       amp_dtype=amp_dtype, out=out, identity=identity,
+                       log=RunLog(out, enabled=info.primary, wandb=args.log_wandb),
                        **parts)
     resume_from = _resume_path(args, out / 'checkpoints', info.primary)
     if resume_from is not None:
         _resume(state, resume_from)
     if info.primary:
-        (out / 'args.json').write_text(json.dumps(vars(args), indent=2, default=str))
+        if args.log_wandb:
+            start_wandb(args, out)
+        with atomic_write(out / 'args.yaml', 'w') as f:  # -c out/args.yaml repeats the run
+            f.write(args_yaml(args))
+        if (said := describe_recipe(args)):
+            print(said)
     state.step_model, state.attack_model = _wrap_model(model, args, info)
     return state
 
@@ -310,7 +383,7 @@ def _checkpoint(state: TrainState, epoch: int, batch: int) -> None:
         state.last_ckpt = state.unproven_ckpt
     state.unproven_ckpt = save_checkpoint(
         state.out / 'checkpoints', state.num_updates, state.model.state_dict(), saved, state.identity,
-        ema_state=state.ema.module.state_dict() if state.ema is not None else None, keep=state.args.keep_checkpoints)
+        ema_state=state.ema.module.state_dict() if state.ema is not None else None, keep=state.args.checkpoint_hist)
 
 
 def _nonfinite_key(*modules: nn.Module) -> Optional[str]:
@@ -356,14 +429,21 @@ def _check_finite_loss(state: TrainState, loss: torch.Tensor, epoch: int) -> Non
         state.last_ckpt, state.unproven_ckpt = state.unproven_ckpt, None
 
 
-def _backward_and_step(state: TrainState, loss: torch.Tensor, epoch: int) -> None:
-    """Back-propagate, check the gradient norm, clip, and take the optimizer step (through the GradScaler
-    under fp16, which skips the update itself when the gradients overflowed)."""
+def _backward(state: TrainState, loss: torch.Tensor, divisor: int, sync: bool) -> None:
+    """Back-propagate one batch's share (``loss / divisor``) of an update; under DDP the gradients are
+    all-reduced only by the batch that completes it (``no_sync`` before, as timm's train.py)."""
+    ddp = getattr(state.step_model, '_orig_mod', state.step_model)
+    quiet = ddp.no_sync() if isinstance(ddp, DistributedDataParallel) and not sync else contextlib.nullcontext()
+    with quiet:
+        share = loss / divisor
+        (state.scaler.scale(share) if state.scaler is not None else share).backward()
+
+
+def _optimizer_step(state: TrainState, epoch: int) -> None:
+    """Check the gradient norm, clip, and take the optimizer step (through the GradScaler under fp16,
+    which skips the update itself when the gradients overflowed)."""
     if state.scaler is not None:
-        state.scaler.scale(loss).backward()
         state.scaler.unscale_(state.optimizer)
-    else:
-        loss.backward()
     params = [p for p in state.model.parameters() if p.grad is not None]
     if state.scaler is None:
         # timm's dispatch_clip_grad returns no norm, and the NaN check needs one whether or not we clip
@@ -387,58 +467,78 @@ def _backward_and_step(state: TrainState, loss: torch.Tensor, epoch: int) -> Non
     state.optimizer.zero_grad(set_to_none=True)
 
 
+def _prepare_batch(state: TrainState, x: torch.Tensor, y: torch.Tensor, sums: List[float], epoch: int,
+                   batch_index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The batch on its device without its unreadable images (counted in ``sums[4]``), mixed when mixup /
+    cutmix is on (an odd batch left by an unreadable image loses one more: they mix in pairs)."""
+    x, y, skipped = state.train_loader.unreadable.exclude(x, y)  # warns once per file, or raises (strict)
+    if skipped:
+        sums[4] += len(skipped)
+        if not len(y):
+            raise TrainingError(f'every image of batch {batch_index + 1} of epoch {epoch + 1} is unreadable '
+                                f'({len(skipped)}, e.g. {skipped[0]}); remove or replace them')
+    if state.mixup is not None and len(y) % 2:
+        x, y = x[:-1], y[:-1]
+    x, y = x.to(state.dist.device, non_blocking=True), y.to(state.dist.device, non_blocking=True)
+    if state.args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if state.mixup is not None:
+        x, y = state.mixup(x, y)
+    return x, y
+
+
+def _after_update(state: TrainState, epoch: int, batch_index: int) -> None:
+    """Count the update, step EMA and schedule, checkpoint as asked, note --max-steps."""
+    state.num_updates += 1
+    if state.ema is not None:
+        state.ema.update(state.model, step=state.num_updates)
+    state.scheduler.step_update(num_updates=state.num_updates)
+    args = state.args
+    if args.max_steps and state.num_updates >= args.max_steps:
+        state.stop = True
+    if (args.checkpoint_every and state.num_updates % args.checkpoint_every == 0) or state.stop:
+        _checkpoint(state, epoch, batch_index)
+
+
 def train_one_epoch(state: TrainState, epoch: int) -> Tuple[List[float], int]:
-    """Train ``epoch`` from the sampler's start batch until its end or ``--max-steps``, checkpointing as
-    asked. Returns this rank's sums (loss, clean loss, adversarial loss, images, unreadable images skipped)
-    and the batch reached. Unreadable images (``advprop_zoo.images`` placeholders) leave each batch on its
-    host label tensor, before the copy to the device; a batch with none left is a TrainingError."""
-    args, device = state.args, state.dist.device
+    """Train ``epoch`` from its start batch until its end or ``--max-steps``: an optimizer update every
+    ``--grad-accum-steps`` batches (the epoch's last update takes what is left). Returns this rank's sums
+    (loss, clean loss, adversarial loss, images, unreadable images skipped) and the batch reached."""
+    args = state.args
     mean, std = state.data_config['mean'], state.data_config['std']
     state.model.train()
     start = state.train_loader.set_epoch(epoch, state.start_batch if epoch == state.start_epoch else 0)
-    unreadable = state.train_loader.unreadable  # warns once per file, or raises under --strict-images
-    sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss, clean, adv, images, unreadable images skipped (this rank)
-    t0 = time.perf_counter()
-    batches = tqdm(state.train_loader, desc=f'{args.mode} epoch {epoch + 1}/{state.num_epochs}', unit='batch',
-                   leave=False, dynamic_ncols=True) if state.progress else state.train_loader
+    if state.mixup is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+        state.mixup.mixup_enabled = False
+    steps, accum = state.train_loader.steps_per_epoch, args.grad_accum_steps
+    last_group = steps - (steps % accum or accum)  # first batch of the epoch's last (maybe shorter) update
+    sums = [0.0, 0.0, 0.0, 0.0, 0.0]
+    progress = Progress(f'{args.mode} epoch {epoch + 1}/{state.num_epochs}', steps, start, args.log_interval,
+                        state.progress, args.batch_size * state.dist.world_size)
     batch_index = start
-    for x, y in batches:
-        x, y, skipped = unreadable.exclude(x, y)
-        if skipped:
-            sums[4] += len(skipped)
-            if not len(y):
-                raise TrainingError(f'every image of batch {batch_index + 1} of epoch {epoch + 1} is unreadable '
-                                    f'({len(skipped)}, e.g. {skipped[0]}); remove or replace them')
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if args.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+    for x, y in state.train_loader:
+        x, y = _prepare_batch(state, x, y, sums, epoch, batch_index)
+        divisor = (steps - last_group) if batch_index >= last_group else accum
+        scale = state.scaler.get_scale() if state.scaler else 1.0
         losses = modes.forward_loss(
             state.step_model, x, y, state.criterion, state.mode, mean, std, autocast_dtype=state.amp_dtype,
-            grad_scale=state.scaler.get_scale() if state.scaler else 1.0, attack_model=state.attack_model)
+            grad_scale=scale / divisor, attack_model=state.attack_model)
         _check_finite_loss(state, losses.loss, epoch)
-        _backward_and_step(state, losses.loss, epoch)
-        state.num_updates += 1
         batch_index += 1
-        if state.ema is not None:
-            state.ema.update(state.model, step=state.num_updates)
-        state.scheduler.step_update(num_updates=state.num_updates)
+        update = batch_index % accum == 0 or batch_index == steps
+        _backward(state, losses.loss, divisor, sync=update)
         n = len(x)
         sums[0] += losses.loss.item() * n
         sums[1] += losses.clean.item() * n
         sums[2] += (losses.adv.item() if losses.adv is not None else 0.0) * n
         sums[3] += n
-        if state.progress:
-            post = {'img/s': f'{sums[3] * state.dist.world_size / (time.perf_counter() - t0):.0f}',
-                    'clean': f'{losses.clean.item():.3f}'}
-            if losses.adv is not None:
-                post['adv'] = f'{losses.adv.item():.3f}'
-            batches.set_postfix(post)
-        if args.max_steps and state.num_updates >= args.max_steps:
-            state.stop = True
-        if (args.checkpoint_every and state.num_updates % args.checkpoint_every == 0) or state.stop:
-            _checkpoint(state, epoch, batch_index)
-        if state.stop:
-            break
+        progress.update(batch_index, lambda: {'loss': sums[0] / sums[3], 'clean': sums[1] / sums[3]})
+        if update:
+            _optimizer_step(state, epoch)
+            _after_update(state, epoch, batch_index)
+            if state.stop:
+                break
+    progress.close()
     return sums, batch_index
 
 
@@ -463,13 +563,28 @@ def _end_epoch(state: TrainState, epoch: int, sums: List[float], t0: float) -> N
            'train_loss': loss / seen, 'clean_loss': clean / seen,
            'adv_loss': adv / seen if state.args.mode != 'vanilla' else None,
            'val_top1': metrics['top1'], 'images_per_s': seen / (time.perf_counter() - t0),
-           'unreadable_images': int(unreadable)}  # not a log.csv column (logs.SUMMARY_ONLY)
+           'unreadable_images': int(unreadable), 'val_top5': metrics['top5']}  # the last two: not in log.csv
     state.log.append(row)
+    _track_best(state, row)
     if state.progress:
         skipped = f'; {int(unreadable)} unreadable image{"s" if unreadable != 1 else ""} skipped' if unreadable else ''
         print(f'{state.args.mode} epoch {epoch + 1}/{state.num_epochs}: loss {row["train_loss"]:.4f} '
               f'val top-1 {row["val_top1"]:.2f}% ({row["images_per_s"]:.0f} img/s){skipped}')
     _checkpoint(state, epoch + 1, 0)
+
+
+def _track_best(state: TrainState, row: Dict[str, Any]) -> None:
+    """Keep the epoch with the best ``--eval-metric`` (timm's model_best): its folded weights are written
+    to ``model_best.safetensors`` when it improves, and summary.json names it."""
+    key = f'val_{state.args.eval_metric}'
+    if state.best is not None and row[key] <= state.best['value']:
+        return
+    state.best = {'metric': state.args.eval_metric, 'value': row[key], 'epoch': row['epoch']}
+    if state.dist.primary:
+        plain = fold_dual_bn(copy.deepcopy(state.model)) if state.mode.needs_dual_bn else state.model
+        save_weights(plain.state_dict(), state.out / 'model_best.safetensors',
+                     metadata={'format': 'pt', 'model': state.args.model, 'epoch': str(row['epoch']),
+                               state.best['metric']: str(row[key])})
 
 
 def _finish(state: TrainState, start: float) -> TrainResult:
@@ -482,6 +597,7 @@ def _finish(state: TrainState, start: float) -> TrainResult:
                'steps': state.num_updates, 'finished': finished, 'world_size': state.dist.world_size,
                'train_seconds': time.perf_counter() - start,
                'val_top1': state.log.rows[-1]['val_top1'] if state.log.rows else None, 'output': str(state.out),
+               'best': state.best,
                'last_checkpoint': str(newest) if (newest := state.unproven_ckpt or state.last_ckpt) else None,
                'data_config': {k: state.data_config[k] for k in ('input_size', 'mean', 'std', 'interpolation',
                                                                  'crop_pct')}}

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 from advprop_zoo.errors import run_command
 
-from .args import build_parser
+from .args import parse_args
 from .embedded import run_embedded
 from .loop import train
 
@@ -18,10 +18,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     ``argv`` are the flags after ``train`` (default: the process's); returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
-
     def run() -> int:
-        if args.data_dir is None:  # the embedded demo; the user's flags override its defaults
+        args = parse_args(argv)
+        if args.data_dir is None and not getattr(args, 'dataset', None):  # the embedded demo; flags override it
             return run_embedded(argv)
         summary = train(args).summary
         if 'weights' in summary:  # the primary rank of a finished run

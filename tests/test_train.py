@@ -55,7 +55,7 @@ def test_train_writes_folded_weights_log_and_plot(folder, tmp_path, mode):
 
 
 def test_ema_and_bf16(folder, tmp_path):
-    train(_args(folder, tmp_path, '--mode', 'advprop', '--model-ema', '--model-ema-decay', '0.9', '--amp', 'bf16',
+    train(_args(folder, tmp_path, '--mode', 'advprop', '--model-ema', '--model-ema-decay', '0.9', '--amp', '--amp-dtype', 'bfloat16',
                 '--channels-last'))
     ema = load_file(str(tmp_path / 'model_ema.safetensors'))
     timm.create_model('test_efficientnet', num_classes=3).load_state_dict(ema, strict=True)
@@ -131,7 +131,7 @@ def test_fp16_gradscaler_and_compile_on_cpu(folder, tmp_path):
     """The speed flags' code paths that run here: fp16 autocast with a GradScaler (attack included) and
     torch.compile (dynamo capture + AOT autograd of the train step and the attack, every BN route) on a tiny
     model. The aot_eager backend skips inductor's C++ code generation, which takes minutes on 2 cores."""
-    result = train(_args(folder, tmp_path, '--mode', 'advprop', '--amp', 'fp16', '--compile', '--compile-backend',
+    result = train(_args(folder, tmp_path, '--mode', 'advprop', '--amp', '--amp-dtype', 'float16', '--torchcompile',
                          'aot_eager', '--max-steps', '2', '--attack-eps', '2'))
     assert result.summary['steps'] == 2
     from advprop_zoo_train.checkpoint import latest_checkpoint
