@@ -9,6 +9,7 @@ The attack runs through whichever BNs the caller names (the auxiliary ones while
 AdvProp), in an explicit BN mode, and by default computes input gradients only: no weight-gradient
 work and nothing left in ``param.grad``.
 """
+import functools
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Iterator, Optional, Sequence, Tuple
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from .dual_bn import bn_route as _route  # as _route: attack() takes a bn_route argument
 
-__all__ = ['AttackConfig', 'attack', 'signed_step', 'pixel_bounds', 'bn_mode', 'paper_steps', 'PAPER_STEPS_RULE']
+__all__ = ['AttackConfig', 'attack', 'signed_step', 'pixel_bounds', 'bn_mode', 'input_grads_only', 'paper_steps', 'PAPER_STEPS_RULE']
 
 ATTACKS = ('pgd', 'fgsm')
 PAPER_STEPS_RULE = 'eps + 1 iterations, 1 for eps <= 1'  # for --help texts; paper_steps is the rule itself
@@ -75,10 +76,31 @@ def pixel_bounds(
         mean: Sequence[float], std: Sequence[float], device=None, dtype=torch.float32,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(lo, hi, unit)`` per channel in model space: the image of pixel 0 and 255, and the size of
-    one 0-255 pixel step; each shaped (1, C, 1, 1)."""
-    mean = torch.as_tensor(mean, device=device, dtype=dtype).view(1, -1, 1, 1)
-    std = torch.as_tensor(std, device=device, dtype=dtype).view(1, -1, 1, 1)
-    return -mean / std, (1 - mean) / std, 1 / (255 * std)
+    one 0-255 pixel step; each shaped (1, C, 1, 1). Made once per (mean, std, device, dtype): a
+    host-to-device copy in every attack would make the host wait for the device each step."""
+    return _pixel_bounds(tuple(float(m) for m in mean), tuple(float(s) for s in std), torch.device(device or 'cpu'),
+                         dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _pixel_bounds(mean: Tuple[float, ...], std: Tuple[float, ...], device: torch.device, dtype: torch.dtype):
+    m = torch.tensor(mean, dtype=dtype).view(1, -1, 1, 1).to(device)
+    s = torch.tensor(std, dtype=dtype).view(1, -1, 1, 1).to(device)
+    return -m / s, (1 - m) / s, 1 / (255 * s)
+
+
+@contextmanager
+def input_grads_only(model: nn.Module) -> Iterator[nn.Module]:
+    """Parameters stop requiring grad while the attack runs: its backward then computes input gradients
+    only, compiled or not (AOT autograd otherwise builds the weight gradients too and throws them away)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 @contextmanager
@@ -148,7 +170,7 @@ def attack(
     route = nullcontext()
     if bn_route is not None:
         route = _route(model, bn_route)
-    with route, bn_mode(model, mode), torch.enable_grad():
+    with route, bn_mode(model, mode), input_grads_only(model), torch.enable_grad():
         for _ in range(c.steps):
             x_adv.requires_grad_(True)
             with amp:

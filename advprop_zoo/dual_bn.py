@@ -23,6 +23,7 @@ from typing import Dict, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 from torch import nn
 from timm.layers import SplitBatchNorm2d
 
@@ -99,11 +100,11 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
     on GPU and on CPU (gloo) alike, and which runs the ``drop``/``act`` it may carry from a timm
     ``BatchNormAct2d``.
 
-    torch's ``nn.SyncBatchNorm`` refuses CPU tensors and DDP refuses it in CPU modules, so this is a
-    ``BatchNorm2d``: on CUDA it calls torch's fused sync-BN function, on CPU it all-reduces the
-    per-channel sum, sum of squares and count with autograd-aware collectives. Either way forward,
-    backward and running statistics match one process holding the global batch. Outside a
-    distributed run, or in eval mode, it is an ordinary BatchNorm2d.
+    torch's ``nn.SyncBatchNorm`` refuses CPU tensors and DDP refuses it in CPU modules, and its CUDA path
+    is private API that reads the batch counts back to the host in every layer; so this is a
+    ``BatchNorm2d`` that, on any device, all-reduces the per-channel sum, sum of squares and count with
+    torch's public autograd-aware collective. Forward, backward and running statistics match one process
+    holding the global batch. Outside a distributed run, or in eval mode, it is an ordinary BatchNorm2d.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
@@ -115,17 +116,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         group = self.process_group or (dist.group.WORLD if dist.is_available() and dist.is_initialized() else None)
         if not (self.training and group is not None and dist.get_world_size(group) > 1):
             return nn.BatchNorm2d.forward(self, x)
-        if x.device.type == 'cpu':
-            return _cpu_sync_batch_norm(self, x, group)
-        from torch.nn.modules._functions import SyncBatchNorm as _sync_bn  # torch's fused CUDA path
-        track = self.track_running_stats
-        if track:
-            self.num_batches_tracked.add_(1)
-        factor = (self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)) \
-            if track else 0.0
-        return _sync_bn.apply(x, self.weight, self.bias, self.running_mean if track else None,
-                              self.running_var if track else None, self.eps, factor, group,
-                              dist.get_world_size(group))
+        return _sync_batch_norm(self, x, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._normalize(x)
@@ -137,16 +128,15 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
 
 
 def _all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
-    """Differentiable all-reduce (the backward all-reduces the gradient): torch's functional collectives
-    where they carry autograd (recent torch), ``torch.distributed.nn`` before that."""
-    from torch.distributed import _functional_collectives as fc
-    if hasattr(fc, 'all_reduce_backward'):
-        return fc.wait_tensor(fc.all_reduce(t, 'sum', group))
-    from torch.distributed.nn.functional import all_reduce
-    return all_reduce(t, group=group)
+    """Differentiable all-reduce (its backward all-reduces the gradient), torch's public
+    ``torch.distributed.nn.functional.all_reduce``: queued on the device's stream, no host sync."""
+    return dist_nn.all_reduce(t, group=group)
 
 
-def _cpu_sync_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, group) -> torch.Tensor:
+def _sync_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, group) -> torch.Tensor:
+    """Batch norm over the global batch of every rank: one all-reduce of per-channel sums, sums of squares
+    and the count, on any device. Public API only, and nothing read back to the host (the count is made on
+    the device), so a training forward costs no host sync per layer."""
     c = x.shape[1]
     dims = [0] + list(range(2, x.dim()))
     shape = [1, c] + [1] * (x.dim() - 2)
@@ -155,7 +145,7 @@ def _cpu_sync_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, group) -> torch.Te
     # would cancel catastrophically in float32 when the mean is large against the spread
     k = bn.running_mean.detach().float() if bn.running_mean is not None else xf.new_zeros(c)
     d = xf - k.view(shape)
-    local = torch.cat([d.sum(dims), (d * d).sum(dims), xf.new_tensor([x.numel() / c])])
+    local = torch.cat([d.sum(dims), (d * d).sum(dims), torch.full((1,), x.numel() / c, device=x.device)])
     total = _all_reduce_sum(local, group)
     n = total[-1]
     shift = total[:c] / n

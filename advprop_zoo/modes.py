@@ -92,6 +92,9 @@ def forward_loss(
     amp = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
 
     attacked = model if attack_model is None else attack_model
+
+    def fp32_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return criterion(logits.float(), target)  # every mode's loss in fp32, inside autocast or not
     labels = y.argmax(-1) if y.dim() > 1 else y  # soft (mixup / cutmix) targets: the attack takes their argmax
 
     def make_adv(route):
@@ -100,7 +103,7 @@ def forward_loss(
 
     if cfg.mode == 'vanilla':
         with amp:
-            clean = criterion(model(x), y)
+            clean = fp32_loss(model(x), y)
         return StepLosses(clean, clean.detach())
 
     if cfg.mode == 'advprop':
@@ -108,12 +111,12 @@ def forward_loss(
         if cfg.split_bn:
             with bn_route(model, 'split'), amp:
                 logits = model(torch.cat([x, x_adv]))
-            clean, adv = criterion(logits[:len(x)], y), criterion(logits[len(x):], y)
+            clean, adv = fp32_loss(logits[:len(x)], y), fp32_loss(logits[len(x):], y)
         else:
             with amp:
-                clean = criterion(model(x), y)
+                clean = fp32_loss(model(x), y)
             with bn_route(model, 'aux'), amp:
-                adv = criterion(model(x_adv), y)
+                adv = fp32_loss(model(x_adv), y)
         return StepLosses(clean + cfg.adv_weight * adv, clean.detach(), adv.detach(), len(x))
 
     if cfg.mode == 'adv-train':
@@ -121,11 +124,11 @@ def forward_loss(
         a = cfg.clean_weight
         if a == 0:  # Madry: adversarial examples only
             with amp:
-                adv = criterion(model(x_adv), y)
+                adv = fp32_loss(model(x_adv), y)
             return StepLosses(adv, adv.detach().new_tensor(float('nan')), adv.detach(), len(x))
         with amp:  # shared BNs: one batch of clean and adversarial images, as Kurakin et al.
             logits = model(torch.cat([x, x_adv]))
-        clean, adv = criterion(logits[:len(x)], y), criterion(logits[len(x):], y)
+        clean, adv = fp32_loss(logits[:len(x)], y), fp32_loss(logits[len(x):], y)
         return StepLosses(a * clean + (1 - a) * adv, clean.detach(), adv.detach(), len(x))
 
     # fast-advprop: one clean pass over all n images (main BNs, the model's own BN mode, so running
@@ -138,10 +141,10 @@ def forward_loss(
     x_in = x.detach().requires_grad_(True)
     params = [p for p in attacked.parameters() if p.requires_grad]
     with bn_route(attacked, 'main'), amp:
-        clean = criterion(attacked(x_in), y)
+        clean = fp32_loss(attacked(x_in), y)
     (clean * grad_scale).backward(inputs=params + [x_in])
     x_adv = signed_step(x[:k], x_in.grad[:k], cfg.attack.eps, mean, std)
     with bn_route(model, 'aux'), amp:
-        adv = criterion(model(x_adv), y[:k])
+        adv = fp32_loss(model(x_adv), y[:k])
     # the clean term is already in param.grad: carried detached so that ``loss`` still reads clean + adv
     return StepLosses(clean.detach() + cfg.adv_weight * adv, clean.detach(), adv.detach(), k)

@@ -1,0 +1,107 @@
+"""What keeps the GPU path right, checked on the CPU: attacks under every autocast dtype, fp32 losses,
+split BN against two passes under autocast, an attack that never computes weight gradients (eager or
+compiled), and bounds made once instead of copied to the device in every attack."""
+import pytest
+import timm
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from advprop_zoo import AttackConfig, ModeConfig, attack, forward_loss, to_dual_bn
+from advprop_zoo.attacks import pixel_bounds
+
+ADVPROP = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return timm.create_model('test_efficientnet', num_classes=10)
+
+
+def _batch(n=16, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g) * 2 - 1, torch.randint(0, 10, (n,), generator=g)
+
+
+def test_autocast_attacks_perturb_the_same_fraction_of_pixels():
+    """PGD in fp32, bf16 and fp16 autocast (fp16 with the attack's fixed loss scale): the sign of the input
+    gradient is what moves pixels, so each dtype changes the same share of them, within 1 %."""
+    model = _model().eval()
+    x, y = _batch()
+    fractions = {}
+    for dtype in (None, torch.bfloat16, torch.float16):
+        x_adv = attack(model, x, y, AttackConfig(eps=4, steps=2, random_start=False), *ADVPROP,
+                       autocast_dtype=dtype, generator=torch.Generator().manual_seed(1))
+        fractions[dtype] = (x_adv != x).float().mean().item()
+    assert fractions[None] > 0.5
+    for dtype in (torch.bfloat16, torch.float16):
+        assert abs(fractions[dtype] - fractions[None]) <= 0.01, fractions
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_split_bn_equals_two_passes_under_autocast(dtype):
+    """One split-BN pass over [clean; adv] and two passes give the same losses and gradients, with the
+    losses computed in fp32 in both (the split pass used to leave them in the autocast dtype)."""
+    x, y = _batch(8)
+    grads, losses = [], []
+    for split in (False, True):
+        model = to_dual_bn(_model()).train()
+        cfg = ModeConfig('advprop', AttackConfig(eps=2, steps=1, random_start=False), split_bn=split)
+        torch.manual_seed(3)
+        out = forward_loss(model, x, y, torch.nn.CrossEntropyLoss(), cfg, *ADVPROP, autocast_dtype=dtype)
+        assert out.loss.dtype == torch.float32
+        out.loss.backward()
+        losses.append((out.clean.item(), out.adv.item()))
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert losses[0] == pytest.approx(losses[1], rel=2e-2, abs=2e-2)
+    cos = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0).item()
+    assert cos > 0.99, cos
+
+
+class _ConvBackwards(TorchDispatchMode):
+    """Counts convolution backwards and how many of them computed a weight gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = self.weight_grads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution_backward.default:
+            self.calls += 1
+            self.weight_grads += bool(args[-1][1])  # output_mask: (input, weight, bias)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_attack_computes_no_weight_gradient_eager():
+    model = to_dual_bn(_model()).train()
+    x, y = _batch(4)
+    with _ConvBackwards() as counter:
+        attack(model, x, y, AttackConfig(eps=2, steps=2), *ADVPROP, bn_route='aux', mode='train')
+    assert counter.calls > 0 and counter.weight_grads == 0, (counter.calls, counter.weight_grads)
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+def test_the_attack_computes_no_weight_gradient_compiled():
+    """Under torch.compile, AOT autograd builds one backward graph for what requires grad: with the weights
+    still requiring it, all 17 convolution backwards of the graph computed weight gradients (17/17)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    masks = []
+
+    def backward_compiler(gm, example_inputs):
+        masks.extend(n.args[-1] for n in gm.graph.nodes if n.target is torch.ops.aten.convolution_backward.default)
+        return make_boxed_func(gm.forward)
+    backend = aot_autograd(fw_compiler=lambda gm, ex: make_boxed_func(gm.forward), bw_compiler=backward_compiler)
+    model = to_dual_bn(_model()).train()
+    x, y = _batch(4)
+    attack(torch.compile(model, backend=backend, dynamic=False), x, y, AttackConfig(eps=2, steps=2), *ADVPROP,
+           bn_route='aux', mode='train')
+    assert len(masks) > 0 and sum(bool(m[1]) for m in masks) == 0, masks
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+def test_pixel_bounds_are_made_once():
+    a = pixel_bounds([0.5, 0.5, 0.5], (0.5, 0.5, 0.5), device='cpu')
+    b = pixel_bounds((0.5, 0.5, 0.5), [0.5, 0.5, 0.5], device=torch.device('cpu'))
+    assert all(u is v for u, v in zip(a, b))
+    lo, hi, unit = a
+    assert torch.equal(lo.flatten(), torch.full((3,), -1.0)) and torch.allclose(unit.flatten(), torch.full((3,), 2 / 255))
