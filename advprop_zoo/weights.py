@@ -4,15 +4,17 @@ Everything that reads or writes weights goes through here so that a truncated fi
 code in it or a state dict of the wrong model fails once, early, with a message that names the file,
 the key and both shapes, and so that a crash mid-write never leaves a file that loads but is wrong.
 """
+import argparse
 import hashlib
 import json
 import os
 import pickle
+import re
 import struct
 import sys
 import tempfile
 import threading
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Tuple, Union
 
@@ -111,29 +113,89 @@ def check_weights_file(path: PathLike) -> Path:
     return path
 
 
-def load_weights(path: PathLike, device: Union[str, torch.device] = 'cpu') -> Dict[str, torch.Tensor]:
+# what a timm train.py checkpoint (``*.pth.tar``, ``model_best.pth.tar``) holds beside tensors and plain values:
+# its flags as an argparse.Namespace. Allowed for the load and nothing else; a Namespace holding anything
+# but plain values still fails, on that value's class.
+_TIMM_CHECKPOINT_GLOBALS = (argparse.Namespace,)
+_STATE_KEYS = ('state_dict', 'model')  # timm's load_state_dict: the training weights
+_EMA_KEYS = ('state_dict_ema', 'model_ema')  # ... and with use_ema, the EMA weights
+_WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DDP / torch.compile wrappers, as timm's clean_state_dict strips
+_UNSUPPORTED_GLOBAL = re.compile(r'unsupported (?:global: )?GLOBAL ([\w.]+)', re.IGNORECASE)  # torch's two wordings
+_UNPICKLER_ERROR = re.compile(r'WeightsUnpickler error: ([^\n]+)')
+
+
+def _torch_load(path: Path, device: Union[str, torch.device]) -> Any:
+    """``torch.load(weights_only=True)`` with exactly a timm train.py checkpoint's extra class allowed."""
+    allow = getattr(torch.serialization, 'safe_globals', None)  # torch >= 2.5; older torch refuses the Namespace
+    try:
+        with allow(list(_TIMM_CHECKPOINT_GLOBALS)) if allow else nullcontext():
+            return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = _UNSUPPORTED_GLOBAL.search(str(e))
+        detail = _UNPICKLER_ERROR.search(str(e))
+        what = (f'a {found.group(1)} object' if found
+                else f'objects other than tensors ({detail.group(1).strip() if detail else _first_line(e)})')
+        raise WeightsError(
+            f'{path}: refused to unpickle: it holds {what}; only tensors, plain values and a timm train.py '
+            "checkpoint's argparse.Namespace of plain values are loaded (weights_only=True); convert it to "
+            'safetensors from a trusted environment') from None
+    except (RuntimeError, EOFError) as e:
+        raise WeightsError(f'{path}: unreadable torch checkpoint ({_first_line(e)})') from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in re.sub(r'\x1b\[[0-9;]*m', '', str(e)).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def load_weights(
+        path: PathLike,
+        device: Union[str, torch.device] = 'cpu',
+        use_ema: bool = False,
+) -> Dict[str, torch.Tensor]:
     """Load a state dict from safetensors, or from a torch pickle with ``weights_only=True`` only.
 
-    A pickle that holds anything but tensors and plain containers is refused rather than executed.
+    A pickle may be a bare state dict or a checkpoint dict holding one, as timm's ``train.py`` writes
+    (``*.pth.tar``, ``model_best.pth.tar``: ``epoch``, ``arch``, ``state_dict``, maybe ``state_dict_ema``,
+    ``optimizer``, ``amp_scaler``, ``metric``, ``version`` and ``args``, an ``argparse.Namespace``). The one
+    class such a file holds beyond tensors and plain containers, ``argparse.Namespace``, is allowed for
+    the load; anything else (another class, code to run) is refused before it is built, in one line
+    naming the file and the class.
+
+    Which weights, as timm's ``load_checkpoint``: ``state_dict`` (else ``model``) by default, the EMA
+    weights (``state_dict_ema``, else ``model_ema``) with ``use_ema``. Unlike timm, ``use_ema`` on a file
+    without EMA weights is an error rather than a silent fall back to the training weights. ``module.`` and
+    ``_orig_mod.`` prefixes (DDP, torch.compile) are stripped.
     """
     path = check_weights_file(path)
     if path.suffix == '.safetensors':
+        if use_ema:
+            raise WeightsError(f'{path}: a safetensors file holds one state dict, no EMA weights to pick with '
+                               'use_ema / --use-ema (pass the EMA weights file itself, e.g. model_ema.safetensors)')
         return load_file(str(path), device=str(device))
-    try:
-        obj = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise WeightsError(
-            f'{path}: refused to unpickle: it holds objects other than tensors ({str(e).splitlines()[0]}); '
-            'convert it to safetensors from a trusted environment') from None
-    except (RuntimeError, EOFError) as e:
-        raise WeightsError(f'{path}: unreadable torch checkpoint ({str(e).splitlines()[0]})') from None
-    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+    obj = _torch_load(path, device)
+    if isinstance(obj, dict):
+        wanted = _EMA_KEYS if use_ema else _STATE_KEYS
+        key = next((k for k in wanted if isinstance(obj.get(k), dict)), None)
+        if key is not None:
             obj = obj[key]
-            break
+        elif use_ema:
+            raise WeightsError(f'{path}: no EMA weights ({" / ".join(_EMA_KEYS)}) to load with use_ema / --use-ema; '
+                               'drop it to load the training weights')
+        elif any(isinstance(obj.get(k), dict) for k in _EMA_KEYS):
+            raise WeightsError(f'{path}: holds only EMA weights ({" / ".join(k for k in _EMA_KEYS if k in obj)}); '
+                               'load them with use_ema=True / --use-ema')
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f'{path}: does not hold a state dict of tensors')
-    return {k[7:] if k.startswith('module.') else k: v for k, v in obj.items()}
+    return {_strip_wrappers(k): v for k, v in obj.items()}
+
+
+def _strip_wrappers(key: str) -> str:
+    while key.startswith(_WRAPPER_PREFIXES):
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+    return key
 
 
 @contextmanager

@@ -1,4 +1,5 @@
 """Loading pretrained weights the timm way: Hub cache (offline), file=, local-dir:, and every bad input."""
+import argparse
 import json
 import os
 import pickle
@@ -230,3 +231,77 @@ def test_unpublished_zoo_tag_says_how_to_get_the_weights(hub_cache):
     with pytest.raises(WeightsError) as e:  # the default tag is timm's, published: no such hint
         timm.create_model('efficientnet_b0_advprop', pretrained=True)
     assert 'not yet published' not in str(e.value)
+
+
+def _timm_train_checkpoint(path, state_dict, ema=None, args=None, prefix=''):
+    """A checkpoint as timm's train.py CheckpointSaver writes it (``*.pth.tar`` / ``model_best.pth.tar``)."""
+    params = [v for k, v in state_dict.items() if v.is_floating_point()][:2]
+    save = {
+        'epoch': 7,
+        'arch': 'efficientnet_b0_advprop',
+        'state_dict': {prefix + k: v for k, v in state_dict.items()},
+        'optimizer': {'state': {0: {'momentum_buffer': torch.zeros_like(params[0])}},
+                      'param_groups': [{'lr': 0.1, 'betas': (0.9, 0.999), 'foreach': None, 'params': [0, 1]}]},
+        'version': 2,
+        'args': args if args is not None else argparse.Namespace(
+            model='efficientnet_b0_advprop', lr=0.1, sched='cosine', mean=None, input_size=[3, 224, 224],
+            model_kwargs={}, amp=True, drop_path=None, scale=(0.08, 1.0), data_dir='/data/imagenet'),
+        'amp_scaler': {'scale': 65536.0, 'growth_factor': 2.0, '_growth_tracker': 3},
+        'metric': 76.5,
+    }
+    if ema is not None:
+        save['state_dict_ema'] = {prefix + k: v for k, v in ema.items()}
+    torch.save(save, path)
+    return path
+
+
+def test_timm_train_checkpoint_state_dict_by_default_ema_on_request(tmp_path, b0_weights):
+    """timm's rule (validate.py --use-ema): state_dict unless use_ema; module. prefixes stripped; the args
+    Namespace of plain values is allowed for the load."""
+    main = load_file(str(b0_weights))
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in main.items()}
+    path = _timm_train_checkpoint(tmp_path / 'model_best.pth.tar', main, ema=ema, prefix='module.')
+    got = load_weights(path)
+    assert got.keys() == main.keys() and all(torch.equal(got[k], main[k]) for k in main)
+    got_ema = load_weights(path, use_ema=True)
+    assert got_ema.keys() == main.keys() and all(torch.equal(got_ema[k], ema[k]) for k in main)
+
+
+def test_use_ema_without_ema_weights_is_one_line(tmp_path, b0_weights):
+    plain = _timm_train_checkpoint(tmp_path / 'last.pth.tar', load_file(str(b0_weights)))
+    with pytest.raises(WeightsError, match=r'last\.pth\.tar: no EMA weights \(state_dict_ema / model_ema\)'):
+        load_weights(plain, use_ema=True)
+    with pytest.raises(WeightsError, match='b0.safetensors: a safetensors file holds one state dict, no EMA'):
+        load_weights(b0_weights, use_ema=True)
+    only_ema = tmp_path / 'ema_only.pth'
+    torch.save({'state_dict_ema': load_file(str(b0_weights))}, only_ema)
+    with pytest.raises(WeightsError, match='holds only EMA weights .*use_ema=True'):
+        load_weights(only_ema)
+    assert load_weights(only_ema, use_ema=True).keys() == load_file(str(b0_weights)).keys()
+
+
+class _Foreign:
+    """A class a checkpoint's args may not carry: unpickling it would import and build it."""
+
+
+def test_foreign_object_in_a_timm_checkpoint_is_refused_without_running_it(tmp_path, b0_weights):
+    sd = load_file(str(b0_weights))
+    foreign = _timm_train_checkpoint(tmp_path / 'foreign.pth.tar', sd,
+                                     args=argparse.Namespace(model='x', opt=_Foreign()))
+    with pytest.raises(WeightsError) as e:
+        load_weights(foreign)
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and '\x1b' not in msg
+    assert msg.startswith(f'{foreign}: refused to unpickle: it holds a {__name__}._Foreign object')
+
+    sentinel = tmp_path / 'pwned'
+    _Payload.sentinel = sentinel
+    code = _timm_train_checkpoint(tmp_path / 'code.pth.tar', sd, args=argparse.Namespace(model='x', hook=_Payload()))
+    with pytest.raises(WeightsError, match=r'code\.pth\.tar: refused to unpickle: it holds a (posix|os)\.system'):
+        load_weights(code)
+    top_level = tmp_path / 'top.pth.tar'
+    torch.save({'state_dict': sd, 'extra': _Foreign()}, top_level)  # not inside args: refused just the same
+    with pytest.raises(WeightsError, match='refused to unpickle'):
+        load_weights(top_level)
+    assert not sentinel.exists()
+    assert argparse.Namespace not in torch.serialization.get_safe_globals()  # allowed for the load only

@@ -196,7 +196,7 @@ def test_training_warns_once_per_file_and_counts_them(train_folder, tmp_path, ca
         assert sum(name in w for w in warnings) == 1, (name, warnings)  # once, over two epochs
     assert len(warnings) == 3
     assert any('not an image file PIL can identify' in w for w in warnings)
-    lines = [line for line in capsys.readouterr().out.splitlines() if ' epoch ' in line]
+    lines = [line for line in capsys.readouterr().out.splitlines() if ' epoch ' in line and ': loss ' in line]
     assert len(lines) == 2 and all(line.endswith('; 2 unreadable images skipped') for line in lines)
     summary = json.loads((out / 'summary.json').read_text())
     assert [row['unreadable_images'] for row in summary['epochs_log']] == [2, 2]

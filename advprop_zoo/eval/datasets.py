@@ -10,31 +10,52 @@ class map). The class lists are timm's own (``timm/data/_info``), the same files
 ImageNet-A has 200 of the 1000 classes: its labels are positions in its own sorted wnid list, and the
 1000-way logits are cut to those 200 columns, in that order (``LogitSubset``), before top-k.
 
-Every loader reads through ``advprop_zoo.images.ReadableImageDataset``: an image that cannot be decoded
-is excluded from the counts and named in the report, never replaced by another sample (timm's own
-``ImageDataset`` substitutes the next image, which an evaluation would then count twice).
+Beside these layouts, any timm dataset spec (``hfds/NAME``, ``hfids/NAME``, ``wds/NAME``, ``tfds/NAME``,
+``torch/NAME``) is read through ``timm.data.create_dataset`` as timm's validate.py reads it (``--split``,
+``--class-map``, ``--input-img-mode``, ``--num-samples``, ...); such a set is labelled by its own classes (or
+the class map), like ``folder``, so the model's class count must match (``create_spec_dataset``,
+``check_spec_classes``).
+
+Every map-style timm ``ImageDataset`` (the folder layouts, ``hfds/``) reads through
+``advprop_zoo.images.ReadableImageDataset``: an image that cannot be decoded is excluded from the counts
+and named in the report, never replaced by another sample (timm's own ``ImageDataset`` substitutes the
+next image, which an evaluation would then count twice). Iterable sets (``hfids/``, ``wds/``, ``tfds/``)
+and torchvision's (``torch/``) are read by timm's readers as they are.
 """
 import functools
 import os
+import pickle
 import pkgutil
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-from timm.data import create_dataset, create_loader
+from PIL import Image
+from timm.data import ImageDataset, create_dataset, create_loader
+from timm.data.readers.class_map import load_class_map
 from torch import nn
 
-from ..errors import AdvPropZooError
+from ..errors import AdvPropZooError, describe_error
 from ..images import ReadableImageDataset
 from .imagenet_c import BENCHMARK_CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES
 
 __all__ = [
     'DATASETS', 'EvalDataError', 'imagenet_synsets', 'imagenet_a_synsets', 'imagenet_a_indices', 'LogitSubset',
-    'resolve_root', 'class_map_for', 'find_imagenet_c', 'create_eval_loader',
+    'resolve_root', 'class_map_for', 'find_imagenet_c', 'create_eval_loader', 'eval_loader', 'TIMM_PREFIXES',
+    'ITERABLE_PREFIXES', 'timm_prefix', 'check_dataset_name', 'read_class_map', 'create_spec_dataset',
+    'check_spec_classes', 'check_img_mode',
 ]
 
 DATASETS = ('imagenet', 'imagenet-c', 'imagenet-a', 'stylized', 'folder')
 _SPLITS = ('val', 'validation')  # a root that holds only these is searched one level down, as timm does
+# timm's split synonyms (timm.data.dataset_factory): an explicit --split finds its folder under any of them
+_SPLIT_SYNONYMS = (('train', 'training'), ('val', 'valid', 'validation', 'eval', 'evaluation'))
+# timm dataset specs read through timm.data.create_dataset ('<prefix>/<name>'), and those of them that are iterable
+TIMM_PREFIXES = ('hfds', 'hfids', 'wds', 'tfds', 'torch')
+ITERABLE_PREFIXES = ('hfids', 'wds', 'tfds')
+_ROOT_REQUIRED = ('wds', 'torch')  # the others take --data-dir as a cache / data dir, optional as in timm
+_KEYED_PREFIXES = ('hfds', 'hfids', 'wds', 'tfds')  # readers that take --input-key / --target-key
 
 
 class EvalDataError(AdvPropZooError, ValueError):
@@ -90,15 +111,42 @@ class LogitSubset(nn.Module):
         return self.model(x).index_select(-1, self.indices)
 
 
-def resolve_root(data_dir: os.PathLike, dataset: str) -> Path:
+def timm_prefix(name: str) -> Optional[str]:
+    """The reader prefix of a timm dataset spec (``'hfds'`` for ``hfds/NAME``, case-insensitive as in timm),
+    or None for a name that is not one (the benchmark layouts)."""
+    prefix, sep, rest = str(name).partition('/')
+    return prefix.lower() if sep and rest and prefix.lower() in TIMM_PREFIXES else None
+
+
+def check_dataset_name(name: str) -> None:
+    """A benchmark layout (``DATASETS``) or a timm dataset spec; anything else fails in one line."""
+    if name in DATASETS or timm_prefix(name):
+        return
+    prefix, sep, _ = str(name).partition('/')
+    what = f'unknown dataset prefix {prefix + sep!r}' if sep else f'unknown dataset {name!r}'
+    raise EvalDataError(f'{what}; choose one of {", ".join(DATASETS)}, or a timm dataset spec '
+                        f'{", ".join(p + "/NAME" for p in TIMM_PREFIXES)}')
+
+
+def resolve_root(data_dir: os.PathLike, dataset: str, split: Optional[str] = None) -> Path:
     """The folder holding the class (or corruption) folders: ``data_dir``, or its ``val/`` when that is
-    all it holds (``--data-dir imagenet/`` works like ``imagenet/val``)."""
+    all it holds (``--data-dir imagenet/`` works like ``imagenet/val``). An explicit ``split`` (``--split``)
+    names the subfolder to use, under any of timm's synonyms (``validation`` finds ``val/``); a split
+    that is not there is an error, where timm would fall back to ``data_dir`` itself."""
     root = Path(data_dir)
     if not root.exists():
         raise EvalDataError(f'{dataset}: data dir {root} does not exist')
     if not root.is_dir():
         raise EvalDataError(f'{dataset}: data dir {root} is not a folder')
     subdirs = _subdirs(root)
+    if split is not None:
+        base = split.split('[')[0]
+        names = [base] + next((list(g) for g in _SPLIT_SYNONYMS if base in g), [])
+        for name in dict.fromkeys(names):
+            if name in subdirs:
+                return root / name
+        raise EvalDataError(f'{dataset}: no split {split!r} in {root} (no {"/, ".join(dict.fromkeys(names))}/ '
+                            f'folder; found {", ".join(subdirs[:5]) or "none"}{", ..." if len(subdirs) > 5 else ""})')
     if dataset != 'imagenet-c':
         split = [d for d in subdirs if d in _SPLITS]
         if split and len(subdirs) <= 2 and all(d in _SPLITS or d == 'train' for d in subdirs):
@@ -110,14 +158,28 @@ def _subdirs(root: Path) -> List[str]:
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith('.'))
 
 
-def class_map_for(dataset: str, root: os.PathLike, num_classes: int) -> Dict[str, int]:
+def class_map_for(dataset: str, root: os.PathLike, num_classes: int,
+                  class_map: Optional[Mapping[str, int]] = None) -> Dict[str, int]:
     """The class map (folder name -> label) for ``dataset`` under ``root``, after checking that every
-    class folder belongs to the dataset and that the model's ``num_classes`` fits its label space."""
+    class folder belongs to the dataset and that the model's ``num_classes`` fits its label space.
+
+    ``class_map`` (``folder`` only; ``read_class_map``, timm's ``--class-map``) gives the labels instead of
+    the sorted folder names: every class folder must be in it and every label below ``num_classes``."""
     root = Path(root)
     folders = _subdirs(root)
     if not folders:
         raise EvalDataError(f'{dataset}: {root} has no class folders (expected one folder per class'
                             f'{", named by WordNet id" if dataset != "folder" else ""})')
+    if class_map is not None:
+        if dataset != 'folder':
+            raise EvalDataError(f'{dataset}: --class-map applies to --dataset folder and timm dataset specs; '
+                                f"{dataset}'s labels are its WordNet ids' places in timm's class lists")
+        unknown = [f for f in folders if f not in class_map]
+        if unknown:
+            raise EvalDataError(f'folder: class folder {unknown[0]!r} in {root} is not in the class map'
+                                + (f' ({len(unknown) - 1} more like it)' if len(unknown) > 1 else ''))
+        _check_labels_fit('folder', {f: class_map[f] for f in folders}, num_classes)
+        return {f: int(class_map[f]) for f in folders}
     if dataset == 'folder':
         if len(folders) != num_classes:
             raise EvalDataError(f'folder: {root} has {len(folders)} class folders but the model has {num_classes} '
@@ -191,6 +253,7 @@ def create_eval_loader(
         device: torch.device,
         workers: int = 4,
         dataset_name: str = 'folder',
+        input_img_mode: str = 'RGB',
 ):
     """timm's dataset and eval loader over an ImageFolder ``root`` with explicit labels: transform from
     ``data_config`` (timm's ``resolve_data_config``: size, bicubic, crop_pct, mean/std), and on CUDA timm's
@@ -198,13 +261,18 @@ def create_eval_loader(
     unreadable image arrives as a placeholder with a negative label, which ``evaluate_accuracy`` excludes."""
     try:
         dataset = create_dataset('', root=str(root), split='validation', search_split=False,
-                                 class_map=dict(class_map))
+                                 class_map=dict(class_map), input_img_mode=input_img_mode)
     except RuntimeError as e:
         if 'Found 0 images' in str(e):
             raise EvalDataError(f'{dataset_name}: no images in {root} (looked for .jpg, .jpeg, .png, .webp '
                                 'files in its class folders)') from None
         raise
-    dataset = ReadableImageDataset(dataset)
+    return eval_loader(ReadableImageDataset(dataset), data_config, batch_size, device, workers)
+
+
+def eval_loader(dataset, data_config: Mapping[str, object], batch_size: int, device: torch.device, workers: int = 4):
+    """timm's eval loader over a dataset (``create_eval_loader``'s, or ``create_spec_dataset``'s): the eval
+    transform of ``data_config``; on CUDA timm's prefetcher, which normalises on the GPU."""
     cuda = device.type == 'cuda'
     return create_loader(
         dataset, input_size=data_config['input_size'], batch_size=batch_size, is_training=False,
@@ -212,3 +280,124 @@ def create_eval_loader(
         std=data_config['std'], crop_pct=data_config['crop_pct'], crop_mode=data_config.get('crop_mode'),
         num_workers=workers, pin_memory=cuda, device=device, persistent_workers=False)
 
+
+
+def check_img_mode(mode: str, channels: int) -> None:
+    """``--input-img-mode`` must be a PIL mode with the model's number of input channels."""
+    try:
+        bands = Image.getmodebands(mode)  # the number of bands
+    except (KeyError, ValueError):
+        raise EvalDataError(f'--input-img-mode {mode!r} is not a PIL image mode (RGB, L, ...)') from None
+    if bands != channels:
+        raise EvalDataError(f'--input-img-mode {mode} gives {bands}-channel images; the model takes {channels}')
+
+
+def read_class_map(path: os.PathLike, root: Optional[os.PathLike] = None) -> Dict[str, int]:
+    """timm's ``--class-map`` file, read as timm reads it (``load_class_map``: a ``.txt`` of class names, one per
+    line, label = line number; or a ``.pkl`` dict, unpickled with no classes allowed); relative to ``root`` when
+    not found as given. A missing or malformed file fails in one line."""
+    try:
+        mapping = load_class_map(str(path), str(root) if root else '')
+    except (AssertionError, ValueError, OSError, pickle.UnpicklingError, EOFError, UnicodeDecodeError) as e:
+        raise EvalDataError(f'--class-map {path}: {describe_error(e)}') from None
+    if not mapping or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in mapping.values()):
+        raise EvalDataError(f'--class-map {path}: expected a non-empty map of class names to labels >= 0')
+    return dict(mapping)
+
+
+def create_spec_dataset(
+        spec: str,
+        root: Optional[os.PathLike] = None,
+        split: str = 'validation',
+        class_map: Optional[Mapping[str, int]] = None,
+        input_img_mode: str = 'RGB',
+        download: bool = False,
+        num_samples: Optional[int] = None,
+        input_key: Optional[str] = None,
+        target_key: Optional[str] = None,
+        batch_size: int = 1,
+        seed: int = 42,
+        progress: bool = True,
+):
+    """The eval set a timm dataset spec names (``hfds/NAME``, ...; ``root``: ``--data-dir``), read by
+    ``timm.data.create_dataset`` with timm validate.py's arguments. A timm ``ImageDataset`` (``hfds/``) is
+    wrapped in ``ReadableImageDataset`` (unreadable images excluded and named); iterable and torchvision sets
+    are returned as timm builds them. A missing split, an unknown name or a reader that fails to start is one
+    line (EvalDataError). ``progress=False`` silences Hugging Face datasets' progress bars while it loads."""
+    prefix = timm_prefix(spec)
+    if prefix is None:
+        check_dataset_name(spec)
+        raise EvalDataError(f'{spec!r} is a benchmark layout, not a timm dataset spec')
+    if prefix in _ROOT_REQUIRED and not root:
+        raise EvalDataError(f'{spec}: --data-dir is required ({"the shard folder" if prefix == "wds" else "its root"})')
+    if root and prefix in ('wds',) and not Path(root).is_dir():
+        raise EvalDataError(f'{spec}: data dir {root} does not exist')
+    if num_samples is not None and prefix not in ITERABLE_PREFIXES:
+        iterable = ', '.join(p + '/' for p in ITERABLE_PREFIXES)
+        raise EvalDataError(f'--num-samples applies to iterable sets ({iterable}); {spec} knows its own length')
+    if (input_key or target_key) and prefix not in _KEYED_PREFIXES:
+        raise EvalDataError(f'--input-key / --target-key apply to {", ".join(p + "/" for p in _KEYED_PREFIXES)} sets')
+    if class_map is not None and prefix == 'torch':
+        raise EvalDataError(f'{spec}: --class-map does not apply to torchvision sets (their labels are their own)')
+    keys = {k: v for k, v in (('input_key', input_key), ('target_key', target_key)) if v}
+    try:
+        with _hf_progress(progress) if prefix in ('hfds', 'hfids') else nullcontext():
+            dataset = create_dataset(
+                spec, root=str(root) if root else None, split=split, class_map=dict(class_map) if class_map else None,
+                download=download, num_samples=num_samples, input_img_mode=input_img_mode, is_training=False,
+                batch_size=batch_size, seed=seed, **keys)
+    except (AssertionError, ValueError, KeyError, TypeError, RuntimeError, OSError, ImportError) as e:
+        raise EvalDataError(f'{spec}: cannot read split {split!r}: {describe_error(e)}') from None
+    if isinstance(dataset, ImageDataset):
+        dataset = ReadableImageDataset(dataset)
+    return dataset
+
+
+@contextmanager
+def _hf_progress(show: bool) -> Iterator[None]:
+    """Hugging Face datasets' progress bars on or off for a block, restored after it."""
+    import datasets  # only for hfds/ and hfids/, which need it anyway
+    was_disabled = datasets.are_progress_bars_disabled()
+    if not show:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not show and not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def _spec_classes(dataset) -> Optional[Dict[str, int]]:
+    """A timm-built set's class -> label map (its reader's, or torchvision's ``classes``); None if it has none."""
+    reader = getattr(dataset, 'reader', None)
+    mapping = getattr(reader, 'class_to_idx', None) if reader is not None else None
+    if mapping:
+        return dict(mapping)
+    classes = getattr(dataset, 'classes', None)
+    return {str(c): i for i, c in enumerate(classes)} if classes else None
+
+
+def check_spec_classes(spec: str, dataset, num_classes: int, class_map: Optional[Mapping[str, int]] = None) -> None:
+    """A timm-built set is labelled by its own classes, like ``folder``: their count must equal the model's
+    ``num_classes``; with a class map, every label must be below it (and, where the set names its source
+    classes, every one of them must be in the map). A set that names no classes (labels as plain integers)
+    is not checked."""
+    if class_map is not None:
+        _check_labels_fit(spec, class_map, num_classes)
+        source = getattr(getattr(dataset, 'reader', None), '_source_names', None)
+        missing = [n for n in (source or {}).values() if n not in class_map]
+        if missing:
+            raise EvalDataError(f'{spec}: class {missing[0]!r} is not in the class map'
+                                + (f' ({len(missing) - 1} more like it)' if len(missing) > 1 else ''))
+        return
+    classes = _spec_classes(dataset)
+    if classes and len(classes) != num_classes:
+        raise EvalDataError(f'{spec}: the set has {len(classes)} classes but the model has {num_classes}; they must '
+                            'match (pass --num-classes, a checkpoint with that head, or --class-map)')
+
+
+def _check_labels_fit(dataset: str, mapping: Mapping[str, int], num_classes: int) -> None:
+    top = max(mapping.values(), default=-1)
+    if top >= num_classes:
+        name = next(k for k, v in mapping.items() if v == top)
+        raise EvalDataError(f'{dataset}: class {name!r} has label {top} but the model has {num_classes} classes')

@@ -5,14 +5,19 @@ and versioned (``schema``) and every number sits in one flat ``metrics`` map (na
 as in the detailed ``results``. Schema ``advprop-zoo-eval/1``::
 
     schema        "advprop-zoo-eval/1"
-    model         timm model name;  num_classes
+    model         timm model name;  num_classes;  param_count (the model's parameters as loaded, unfused)
     weights       {source: "pretrained" | "checkpoint", location: hub repo id or file, sha256: hex or null}
-    dataset       imagenet | imagenet-c | imagenet-a | stylized | folder;  data_dir
+    dataset       imagenet | imagenet-c | imagenet-a | stylized | folder, or a timm dataset spec
+                  (hfds/NAME, hfids/NAME, wds/NAME, tfds/NAME, torch/NAME);  data_dir (null: a timm spec
+                  read without one, e.g. hfds/ from the Hugging Face cache)
     data_config   timm's resolve_data_config: input_size, interpolation, mean, std, crop_pct, crop_mode
+                  (the model's own, or as --input-size / --crop-pct / --interpolation / --mean / --std set them)
     settings      batch_size, device, amp, channels_last, fused, seed, attack ({kind, eps, steps,
-                  targeted} or null), corruptions (imagenet-c), clean_dir
+                  targeted} or null), corruptions (imagenet-c), clean_dir, use_ema (the checkpoint's EMA
+                  weights), split, class_map, input_img_mode, num_samples
     versions      advprop_zoo, timm, torch;  created (UTC, ISO 8601)
-    metrics       flat {name: number}: <set>_top1 / _top5 (set = imagenet, imagenet_a, stylized, folder),
+    metrics       flat {name: number}: <set>_top1 / _top5 (set = imagenet, imagenet_a, stylized, folder;
+                  a timm dataset spec, labelled by its own classes as folder is, reports as folder),
                   <set>_<attack>_top1 / _top5 (attack e.g. pgd5_eps4, fgsm_eps1, pgd3_eps2_targeted),
                   imagenet_c_mce, imagenet_c_relative_mce, imagenet_c_error_<c>, imagenet_c_ce_<c>
     results       clean {top1, top5, images, images_per_s, excluded}; robust [{name, kind, eps, steps,
@@ -22,8 +27,16 @@ as in the detailed ``results``. Schema ``advprop-zoo-eval/1``::
 Accuracies, errors, CE and mCE are percentages (AlexNet's mCE = 100); eps is in 0-255 pixel units.
 ``images`` counts the images evaluated; ``excluded`` lists the files that could not be read (a truncated
 JPEG, a non-image under an image name), relative to the run's folder (ImageNet-C: to ``data_dir``),
-which no number counts. Files written before ``excluded`` existed lack it: read it as ``[]``.
+which no number counts. Files written before ``excluded`` existed lack it: read it as ``[]``; files written
+before ``param_count`` and the settings from use_ema on lack those.
+
+``--results-file`` writes the same run as timm's validate.py writes its results file (``results_csv_row``): a
+CSV with a header and one row, validate.py's columns ``model, top1, top1_err, top5, top5_err, param_count (M),
+img_size, crop_pct, interpolation``, and where validate.py puts its extra metrics (after ``top5_err``) one
+``<attack>_top1`` / ``<attack>_top5`` pair per attack run, or ImageNet-C's ``mce`` and ``relative_mce``.
 """
+import csv
+import io
 import datetime
 import json
 import os
@@ -34,8 +47,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from ..table import format_table
 from ..weights import atomic_write
 
-__all__ = ['SCHEMA', 'metrics_of', 'describe_metric', 'write_results', 'read_results', 'format_results',
-           'compare_results', 'plot_results', 'check_plotting']
+__all__ = ['SCHEMA', 'metrics_of', 'metric_prefix', 'describe_metric', 'write_results', 'read_results',
+           'format_results', 'compare_results', 'plot_results', 'check_plotting', 'results_csv_row',
+           'write_results_csv']
 
 SCHEMA = 'advprop-zoo-eval/1'
 _PREFIX = {'imagenet': 'imagenet', 'imagenet-a': 'imagenet_a', 'stylized': 'stylized', 'folder': 'folder',
@@ -57,10 +71,19 @@ def attack_name(kind: str, eps: float, steps: int, targeted: bool) -> str:
     return f'{kind}{steps if kind == "pgd" else ""}_eps{eps:g}' + ('_targeted' if targeted else '')
 
 
+def metric_prefix(dataset: str) -> str:
+    """The metric-name prefix of a run's clean and robust numbers: the benchmark's (``imagenet``,
+    ``imagenet_a``, ...; ImageNet-C's clean run: ``imagenet``), ``folder`` for a timm dataset spec
+    (``hfds/NAME``, ...), which is labelled by its own classes as a folder is."""
+    if dataset == 'imagenet-c':
+        return 'imagenet'
+    return _PREFIX.get(dataset, 'folder')
+
+
 def metrics_of(report: Mapping[str, Any]) -> Dict[str, float]:
     """The flat ``{name: number}`` view of a report's ``results`` (what ``metrics`` holds)."""
     res, out = report['results'], {}
-    clean_set = 'imagenet' if report['dataset'] == 'imagenet-c' else _PREFIX[report['dataset']]
+    clean_set = metric_prefix(report['dataset'])
     if res.get('clean'):
         out[f'{clean_set}_top1'] = res['clean']['top1']
         out[f'{clean_set}_top5'] = res['clean']['top5']
@@ -114,6 +137,46 @@ def write_results(report: Mapping[str, Any], path: os.PathLike) -> Path:
     return Path(path)
 
 
+def results_csv_row(report: Mapping[str, Any]) -> Dict[str, Any]:
+    """The report as the one row timm's validate.py writes to its ``--results-file``: its columns and
+    rounding (accuracies to 4 decimals, ``param_count`` in millions to 2), empty where a run measured no
+    clean accuracy (ImageNet-C without --clean-dir); attack runs and ImageNet-C's mCE as extra columns
+    after ``top5_err``, where validate.py puts its own extra metrics."""
+    res, cfg = report['results'], report['data_config']
+    clean = res.get('clean')
+
+    def r4(v: Optional[float]) -> Any:
+        return '' if v is None else round(v, 4)
+    row: Dict[str, Any] = {'model': report['model']}
+    for k in ('top1', 'top5'):
+        row[k] = r4(clean[k]) if clean else ''
+        row[f'{k}_err'] = r4(100 - clean[k]) if clean else ''
+    for r in res.get('robust') or []:
+        row[f"{r['name']}_top1"], row[f"{r['name']}_top5"] = r4(r['top1']), r4(r['top5'])
+    c = res.get('imagenet_c')
+    if c:
+        row['mce'], row['relative_mce'] = r4(c.get('mce')), r4(c.get('relative_mce'))
+    count = report.get('param_count')
+    row['param_count'] = round(count / 1e6, 2) if count is not None else ''
+    row['img_size'] = cfg['input_size'][-1]
+    row['crop_pct'] = cfg['crop_pct']
+    row['interpolation'] = cfg['interpolation']
+    return row
+
+
+def write_results_csv(report: Mapping[str, Any], path: os.PathLike) -> Path:
+    """``--results-file``: ``results_csv_row`` as a CSV (header + row, Python's csv dialect as validate.py
+    writes it), atomically."""
+    row = results_csv_row(report)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(row))
+    writer.writeheader()
+    writer.writerow(row)
+    with atomic_write(path, 'w') as f:
+        f.write(buf.getvalue())
+    return Path(path)
+
+
 def read_results(path: os.PathLike) -> Dict[str, Any]:
     """Load a results JSON written by ``advprop-zoo eval``; ValueError with the reason if it is not one."""
     path = Path(path)
@@ -136,7 +199,8 @@ def format_results(report: Mapping[str, Any]) -> str:
     res = report['results']
     w = report['weights']
     sha = (w.get('sha256') or '')[:12] or 'unknown'
-    parts = [f"{report['model']} on {report['dataset']} ({report['data_dir']}); weights {w['location']} "
+    where = f" ({report['data_dir']})" if report.get('data_dir') else ''
+    parts = [f"{report['model']} on {report['dataset']}{where}; weights {w['location']} "
              f"(sha256 {sha}); input {'x'.join(map(str, report['data_config']['input_size']))}, "
              f"{report['data_config']['interpolation']}, crop {report['data_config']['crop_pct']:.3f}, "
              f"mean {_v(report['data_config'].get('mean'))} std {_v(report['data_config'].get('std'))}"]
