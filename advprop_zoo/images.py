@@ -12,6 +12,11 @@ apart on the label tensor alone: ``split_unreadable`` drops them from a batch on
 sync), and a loop whose labels are already on the device can mask them there (negative labels never
 equal a top-k index). ``unreadable_index`` turns a placeholder's label back into its dataset index,
 ``dataset.filename(index)`` into the file's name.
+
+The wrapped dataset may read any of timm's map-style sources whose reader returns a file object or an
+image: a folder, a tar, or Hugging Face datasets (``hfds/``, whose reader hands over each row's encoded
+image bytes, so a row holding a truncated or non-image blob is marked like a bad file). A sample whose
+reader knows no file name (an ``hfds/`` row stored as bytes only) is named ``<split>[#index]``.
 """
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -39,8 +44,8 @@ def unreadable_index(label: int) -> int:
 
 
 class ReadableImageDataset(Dataset):
-    """A timm ``ImageDataset`` whose unreadable images become placeholders labelled ``-(index + 1)``
-    instead of being silently replaced by the next sample (see the module docstring).
+    """A timm ``ImageDataset`` (folder, tar or hfds) whose unreadable images become placeholders labelled
+    ``-(index + 1)`` instead of being silently replaced by the next sample (see the module docstring).
 
     ``transform`` and ``target_transform`` are the wrapped dataset's (reading and setting them here
     reaches it, so timm's ``create_loader`` sets the transform as usual); ``filename`` / ``filenames``
@@ -80,11 +85,19 @@ class ReadableImageDataset(Dataset):
         self.dataset.target_transform = value
 
     def filename(self, index: int, basename: bool = False, absolute: bool = False) -> str:
-        """Sample ``index``'s file: relative to the dataset root (the default), its base name, or absolute."""
-        return self.dataset.filename(index, basename=basename, absolute=absolute)
+        """Sample ``index``'s file: relative to the dataset root (the default), its base name, or absolute;
+        ``<split>[#index]`` for a sample its reader knows no file name of (an hfds row stored as bytes)."""
+        try:
+            name = self.dataset.filename(index, basename=basename, absolute=absolute)
+        except (KeyError, TypeError, AttributeError, IndexError):  # e.g. an hfds row without an image path
+            name = None
+        if not name:
+            split = getattr(self.dataset.reader, 'split', None)
+            return f'{split}[#{index}]' if split else f'#{index}'
+        return str(name)
 
     def filenames(self, basename: bool = False, absolute: bool = False) -> List[str]:
-        return self.dataset.filenames(basename=basename, absolute=absolute)
+        return [self.filename(i, basename=basename, absolute=absolute) for i in range(len(self))]
 
     def _read(self, index: int) -> Tuple[Image.Image, Any]:
         """Sample ``index``'s decoded image (in ``input_img_mode``) and raw target; raises UNREADABLE_ERRORS."""

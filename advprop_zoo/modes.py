@@ -14,7 +14,7 @@ One function, ``forward_loss``, computes the loss of one mini-batch for any mode
 """
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -75,14 +75,15 @@ def forward_loss(
         mean: Sequence[float],
         std: Sequence[float],
         autocast_dtype: Optional[torch.dtype] = None,
-        grad_scale: float = 1.0,
+        grad_scale: Union[float, Callable[[torch.Tensor], torch.Tensor]] = 1.0,
         attack_model: Optional[nn.Module] = None,
 ) -> StepLosses:
     """The loss of one batch ``x`` (model space, normalised with ``mean``/``std``) under ``cfg.mode``. ``y``
     holds class indices, or soft targets (mixup / cutmix) whose argmax the attack then targets around.
 
-    ``grad_scale`` is the caller's GradScaler scale (fp16), applied to the gradients Fast AdvProp
-    accumulates during its attack pass so they match the scaled loss the caller back-propagates.
+    ``grad_scale`` (a factor, or a function of the loss such as ``GradScaler.scale``, which keeps the
+    scale on the device) is applied to the gradients Fast AdvProp accumulates during its attack pass so
+    they match the scaled loss the caller back-propagates.
     ``attack_model`` is what the attack runs (default ``model``): under DDP, the wrapped module, since
     DDP must only see the training passes (Fast AdvProp's attack-pass gradients, accumulated in
     ``param.grad``, are still averaged over ranks by the training backward).
@@ -125,7 +126,7 @@ def forward_loss(
         if a == 0:  # Madry: adversarial examples only
             with amp:
                 adv = fp32_loss(model(x_adv), y)
-            return StepLosses(adv, adv.detach().new_tensor(float('nan')), adv.detach(), len(x))
+            return StepLosses(adv, torch.full_like(adv.detach(), float('nan')), adv.detach(), len(x))
         with amp:  # shared BNs: one batch of clean and adversarial images, as Kurakin et al.
             logits = model(torch.cat([x, x_adv]))
         clean, adv = fp32_loss(logits[:len(x)], y), fp32_loss(logits[len(x):], y)
@@ -142,7 +143,7 @@ def forward_loss(
     params = [p for p in attacked.parameters() if p.requires_grad]
     with bn_route(attacked, 'main'), amp:
         clean = fp32_loss(attacked(x_in), y)
-    (clean * grad_scale).backward(inputs=params + [x_in])
+    (grad_scale(clean) if callable(grad_scale) else clean * grad_scale).backward(inputs=params + [x_in])
     x_adv = signed_step(x[:k], x_in.grad[:k], cfg.attack.eps, mean, std)
     with bn_route(model, 'aux'), amp:
         adv = fp32_loss(model(x_adv), y[:k])

@@ -19,14 +19,41 @@ __all__ = ['build_parser', 'parse_args', 'args_yaml']
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog='advprop-zoo train',
-        description='Train or fine-tune with AdvProp (or vanilla / adversarial training / Fast AdvProp) on an '
-                    'ImageFolder dataset. With no arguments at all: the embedded demo, which trains a small '
-                    'EfficientNet on scikit-learn\'s digits in vanilla, advprop and adv-train modes and prints '
+        description='Train or fine-tune with AdvProp (or vanilla / adversarial training / Fast AdvProp) on any '
+                    'dataset timm reads (folder, tar, hfds/, hfids/, wds/, tfds/, torch/), with timm\'s flags. With '
+                    'no arguments at all: the embedded demo, which trains a small EfficientNet on scikit-learn\'s digits in vanilla, advprop and adv-train modes and prints '
                     'clean, PGD and corruption accuracy (no download).',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group('data')
-    g.add_argument('--data-dir', default=None,
-                   help='folder with train/ and val/ in ImageFolder layout; default: the embedded digits dataset')
+    g.add_argument('--data-dir', default=None, metavar='DIR',
+                   help='the dataset\'s root, as timm\'s: for a folder or tar dataset the folder holding the splits '
+                        '(train/ and val/ in ImageFolder layout, or train.tar and val.tar); for wds/ the folder of the '
+                        'shards (and their _info.json); for hfds/ and hfids/ the datasets cache (a NAME that is a '
+                        'folder under it is read from there; hfds/ alone reads it); for torch/ and tfds/ where the '
+                        'dataset is kept. With neither --data-dir nor --dataset: the embedded digits dataset')
+    g.add_argument('--dataset', default='', metavar='NAME',
+                   help='timm\'s dataset name (timm.data.create_dataset): empty for a folder or tar, hfds/NAME '
+                        '(Hugging Face datasets, a Hub id or a local dataset folder), hfids/NAME (the same, streamed), '
+                        'wds/NAME (webdataset shards), tfds/NAME, torch/NAME (torchvision: cifar10, mnist, folder ...)')
+    g.add_argument('--train-split', default='train', metavar='NAME',
+                   help='the training split: a subfolder (or .tar) of --data-dir for folders, a split name, or for '
+                        'wds/ a split of _info.json or a shard pattern such as "train-{0000..0063}.tar" (optionally '
+                        '"|N" samples)')
+    g.add_argument('--val-split', default='validation', metavar='NAME',
+                   help='the validation split, as --train-split; a folder dataset finds val/ (or valid/, eval/ ...) '
+                        'for it, as timm does')
+    g.add_argument('--train-num-samples', type=int, default=None, metavar='N',
+                   help='samples in the training split, for iterable datasets (wds/, hfids/, tfds/) that cannot tell; '
+                        'it sets the steps per epoch')
+    g.add_argument('--val-num-samples', type=int, default=None, metavar='N',
+                   help='samples in the validation split, for iterable datasets that cannot tell (needed under '
+                        'torchrun, where each rank reads its share)')
+    g.add_argument('--class-map', default='', metavar='FILENAME',
+                   help='class name -> index file (.txt, one name a line), as timm\'s')
+    g.add_argument('--input-img-mode', default=None,
+                   help='PIL mode images are converted to; default RGB, or L for a 1-channel --input-size')
+    g.add_argument('--dataset-download', action='store_true',
+                   help='let torch/, tfds/ and hfids/ datasets download what is missing')
     g.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
                    help='input size; default: the model\'s pretrained config')
     g.add_argument('--mean', type=float, nargs='+', default=None, help='default: the model\'s config')
@@ -38,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--workers', type=int, default=2, help='data loader worker processes')
     g.add_argument('--strict-images', action='store_true',
                    help='stop with an error naming the first unreadable image (a truncated file, a non-image under '
-                        'an image name) in train/ or val/; by default each is left out of its batches and named in '
-                        'one warning, and the training ones skipped are counted in the epoch line and summary.json')
+                        'an image name) of a folder, tar or hfds/ dataset; by default each is left out of its batches '
+                        'and named in one warning, and the training ones skipped are counted in the epoch line and '
+                        'summary.json')
     g = p.add_argument_group('augmentation (timm\'s flags and meanings)')
     g.add_argument('--ratio', type=float, nargs=2, default=(3 / 4, 4 / 3), metavar=('MIN', 'MAX'),
                    help='random-resized-crop aspect ratio range')
@@ -60,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--initial-checkpoint', default=None, metavar='FILE',
                    help='start from these weights (safetensors, or a timm .pth.tar read weights_only; plain or '
                         'dual-BN; checked to fit strictly)')
-    g.add_argument('--num-classes', type=int, default=None, help='default: the number of class folders')
+    g.add_argument('--num-classes', type=int, default=None,
+                   help='default: the dataset\'s own class count (required where the set names no classes)')
     g.add_argument('--drop', type=float, default=None, help='classifier dropout; default: the model\'s')
     g.add_argument('--drop-path', type=float, default=None, help='drop-connect rate; default: the model\'s')
     g = p.add_argument_group('AdvProp')

@@ -42,6 +42,9 @@ def init_distributed(device: str, timeout_s: float = 600.0) -> DistInfo:
     if dev.type == 'cuda':
         if not torch.cuda.is_available():
             raise ValueError('--device cuda given but no CUDA device is available')
+        if world_size > 1 and dev.index is not None:
+            raise ValueError(f'--device {device} with {world_size} ranks would put every rank on GPU {dev.index}; '
+                             'give --device cuda: torchrun gives each rank its LOCAL_RANK GPU')
         if dev.index is None:
             dev = torch.device('cuda', local_rank)
         torch.cuda.set_device(dev)
@@ -68,7 +71,7 @@ def all_gather(obj: Any, info: DistInfo) -> Any:
     return objs
 
 
-def cleanup(info: DistInfo) -> None:
-    """Leave the process group, if this process joined one."""
-    if info.distributed and dist.is_initialized():
+def cleanup() -> None:
+    """Leave the process group, if this process joined one (at exit, whatever ended the run)."""
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -52,6 +52,7 @@ from .recipes import describe as describe_recipe
 __all__ = ['TrainingError', 'TrainResult', 'TrainState', 'setup', 'train_one_epoch', 'validate', 'train']
 
 _AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
+_NEVER = 2 ** 62  # TrainState.bad_at while no non-finite value was seen (reduced with MIN over ranks)
 # flags a checkpoint's optimizer and schedule state were built from: given differently on --resume, they win
 OPTIMIZER_FLAGS = ('opt', 'lr', 'lr_base', 'lr_base_size', 'lr_base_scale', 'grad_accum_steps', 'momentum', 'opt_eps',
                    'opt_betas', 'weight_decay')
@@ -107,6 +108,9 @@ class TrainState:
     unproven_ckpt: Optional[Path] = None  # written by this run, its weights not yet through a finite loss
     stop: bool = False  # --max-steps reached
     best: Optional[Dict[str, Any]] = None  # the epoch with the best --eval-metric so far
+    # on the device, read only at a check (log interval, checkpoint, epoch end): the first step whose loss
+    # [0] or gradient norm [1] was non-finite, _NEVER while none was; a step never waits for the device
+    bad_at: Optional[torch.Tensor] = None
 
     @property
     def progress(self) -> bool:
@@ -126,7 +130,7 @@ def _attack_config(args: argparse.Namespace, model_name: str) -> AttackConfig:
 def _check_args(args: argparse.Namespace) -> Tuple[modes.ModeConfig, List[str]]:
     """Fill in the defaults that depend on other flags and fail on bad input, before anything is built
     or written. Returns the step's configuration and the class names."""
-    if args.data_dir is None:
+    if args.data_dir is None and not args.dataset:  # the embedded digits
         args.data_dir = str(digits_folder())
         args.model = args.model or 'test_efficientnet'
     args.model = args.model or 'efficientnet_b0_advprop'
@@ -154,7 +158,7 @@ def _check_args(args: argparse.Namespace) -> Tuple[modes.ModeConfig, List[str]]:
     mode = modes.ModeConfig(mode=args.mode, attack=_attack_config(args, args.model), adv_weight=args.adv_weight,
                             clean_weight=args.clean_weight, p_adv=args.p_adv, split_bn=args.split_bn,
                             attack_bn_mode=args.attack_bn_mode)
-    _, _, classes = resolve_splits(args.data_dir)
+    classes = resolve_splits(args)  # the dataset's classes, or --num-classes where it names none
     return mode, classes
 
 
@@ -263,7 +267,10 @@ def _wrap_model(model: nn.Module, args: argparse.Namespace, info: DistInfo) -> T
         train_model = DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == 'cuda' else None,
             find_unused_parameters=args.mode == 'fast-advprop', **{sync_kw: args.no_sync_bn})
-    compiled = (lambda m: torch.compile(m, backend=args.torchcompile, mode=args.torchcompile_mode)) \
+    if info.device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True  # one input size all run: pick each conv's fastest algorithm once
+    # dynamic=False: batches of B (clean) and 2B (split BN) are two static graphs, not one dynamic one
+    compiled = (lambda m: torch.compile(m, backend=args.torchcompile, mode=args.torchcompile_mode, dynamic=False)) \
         if args.torchcompile else (lambda m: m)
     step_model = compiled(train_model)
     # DDP must only see training passes: under DDP the attack runs the unwrapped module
@@ -370,6 +377,7 @@ def setup(args: argparse.Namespace) -> TrainState:
 
 def _checkpoint(state: TrainState, epoch: int, batch: int) -> None:
     """Checkpoint the run at (``epoch``, ``batch``); a collective under torchrun, written by rank 0 only."""
+    _check_health(state, epoch)
     _check_finite_weights(state, epoch)
     hparams = {k: getattr(state.args, k) for k in OPTIMIZER_FLAGS + SCHEDULE_FLAGS + STEP_FLAGS}
     saved = {'step': state.num_updates, 'epoch': epoch, 'batch': batch, 'optimizer': state.optimizer.state_dict(),
@@ -413,20 +421,42 @@ def _last_good(state: TrainState) -> Optional[Path]:
 
 
 def _nan_message(what: str, value: float, epoch: int, step: int, last_ckpt: Optional[Path]) -> str:
+    value = f' ({value})' if value == value else ''  # NaN: read from a flag, the value itself was not kept
     if last_ckpt is None:
-        return (f'non-finite {what} ({value}) at epoch {epoch + 1}, step {step + 1}; stopped, nothing written '
+        return (f'non-finite {what}{value} at epoch {epoch + 1}, step {step + 1}; stopped, nothing written '
                 f'(no good checkpoint yet: start again with a lower --lr or with --clip-grad)')
-    return (f'non-finite {what} ({value}) at epoch {epoch + 1}, step {step + 1}; stopped, nothing written (last '
+    return (f'non-finite {what}{value} at epoch {epoch + 1}, step {step + 1}; stopped, nothing written (last '
             f'good checkpoint: {last_ckpt}; resume with --resume {last_ckpt} and a lower --lr or --clip-grad: '
             f'flags given on --resume override the saved ones)')
 
 
-def _check_finite_loss(state: TrainState, loss: torch.Tensor, epoch: int) -> None:
-    """Stop on a non-finite loss; a finite one proves the weights of the newest checkpoint good."""
-    if not torch.isfinite(loss):
-        raise TrainingError(_nan_message('loss', loss.item(), epoch, state.num_updates, _last_good(state)))
-    if state.unproven_ckpt is not None:
-        state.last_ckpt, state.unproven_ckpt = state.unproven_ckpt, None
+def _note_nonfinite(state: TrainState, value: torch.Tensor, kind: int) -> None:
+    """Remember, on the device, the first step at which ``value`` (loss: kind 0, gradient norm: 1) was not
+    finite; nothing is read back here."""
+    if state.bad_at is None:
+        state.bad_at = torch.full((2,), _NEVER, dtype=torch.int64, device=value.device)
+    first = state.bad_at[kind:kind + 1]
+    first.masked_fill_((first == _NEVER) & ~torch.isfinite(value.detach()).reshape(1), state.num_updates + 1)
+
+
+def _check_health(state: TrainState, epoch: int) -> None:
+    """The one place a run reads its finiteness flags back (a host sync): at a log interval, before a
+    checkpoint, at an epoch's end. Every rank takes the worst rank's flags, so all stop together. Steps
+    since the newest checkpoint that all had finite losses prove its weights good."""
+    if state.bad_at is None:
+        return
+    bad = state.bad_at.clone()
+    if state.dist.distributed:  # the earliest step any rank saw
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
+    loss_at, grad_at = bad.tolist()
+    if loss_at == _NEVER and grad_at == _NEVER:
+        if state.unproven_ckpt is not None and state.num_updates > int(state.unproven_ckpt.name[-8:]):
+            state.last_ckpt, state.unproven_ckpt = state.unproven_ckpt, None  # a step ran from its weights
+        return
+    what, step = ('loss', loss_at) if loss_at <= grad_at else ('gradient norm', grad_at)
+    if state.unproven_ckpt is not None and step > int(state.unproven_ckpt.name[-8:]) + 1:
+        state.last_ckpt, state.unproven_ckpt = state.unproven_ckpt, None  # finite losses came after it
+    raise TrainingError(_nan_message(what, float('nan'), epoch, step - 1, _last_good(state)))
 
 
 def _backward(state: TrainState, loss: torch.Tensor, divisor: int, sync: bool) -> None:
@@ -445,12 +475,9 @@ def _optimizer_step(state: TrainState, epoch: int) -> None:
     if state.scaler is not None:
         state.scaler.unscale_(state.optimizer)
     params = [p for p in state.model.parameters() if p.grad is not None]
-    if state.scaler is None:
-        # timm's dispatch_clip_grad returns no norm, and the NaN check needs one whether or not we clip
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
-        if not torch.isfinite(norm):
-            raise TrainingError(_nan_message('gradient norm', norm.item(), epoch, state.num_updates,
-                                             _last_good(state)))
+    if state.scaler is None and params:  # under fp16 the GradScaler skips overflowed steps itself
+        # timm's dispatch_clip_grad returns no norm, and the finiteness check needs one whether or not we clip
+        _note_nonfinite(state, torch.nn.utils.get_total_norm([p.grad for p in params]), 1)
     if state.args.clip_grad:
         dispatch_clip_grad(params, state.args.clip_grad)
     try:
@@ -487,6 +514,14 @@ def _prepare_batch(state: TrainState, x: torch.Tensor, y: torch.Tensor, sums: Li
     return x, y
 
 
+def _loss_scale(state: TrainState, divisor: int):
+    """What Fast AdvProp's own backward multiplies its loss by: 1 / the accumulation divisor, through the
+    GradScaler under fp16 (``scaler.scale``: a device multiply, where ``get_scale()`` would read it back)."""
+    if state.scaler is None:
+        return 1.0 / divisor
+    return lambda loss: state.scaler.scale(loss / divisor)
+
+
 def _after_update(state: TrainState, epoch: int, batch_index: int) -> None:
     """Count the update, step EMA and schedule, checkpoint as asked, note --max-steps."""
     state.num_updates += 1
@@ -512,33 +547,36 @@ def train_one_epoch(state: TrainState, epoch: int) -> Tuple[List[float], int]:
         state.mixup.mixup_enabled = False
     steps, accum = state.train_loader.steps_per_epoch, args.grad_accum_steps
     last_group = steps - (steps % accum or accum)  # first batch of the epoch's last (maybe shorter) update
-    sums = [0.0, 0.0, 0.0, 0.0, 0.0]
+    sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss, clean, adv sums (kept on the device meanwhile), images, unreadable
+    device_sums = torch.zeros(3, dtype=torch.float64, device=state.dist.device)
     progress = Progress(f'{args.mode} epoch {epoch + 1}/{state.num_epochs}', steps, start, args.log_interval,
                         state.progress, args.batch_size * state.dist.world_size)
     batch_index = start
     for x, y in state.train_loader:
         x, y = _prepare_batch(state, x, y, sums, epoch, batch_index)
         divisor = (steps - last_group) if batch_index >= last_group else accum
-        scale = state.scaler.get_scale() if state.scaler else 1.0
         losses = modes.forward_loss(
             state.step_model, x, y, state.criterion, state.mode, mean, std, autocast_dtype=state.amp_dtype,
-            grad_scale=scale / divisor, attack_model=state.attack_model)
-        _check_finite_loss(state, losses.loss, epoch)
+            grad_scale=_loss_scale(state, divisor), attack_model=state.attack_model)
+        _note_nonfinite(state, losses.loss, 0)
         batch_index += 1
         update = batch_index % accum == 0 or batch_index == steps
         _backward(state, losses.loss, divisor, sync=update)
         n = len(x)
-        sums[0] += losses.loss.item() * n
-        sums[1] += losses.clean.item() * n
-        sums[2] += (losses.adv.item() if losses.adv is not None else 0.0) * n
+        adv = losses.adv if losses.adv is not None else torch.zeros((), device=losses.loss.device)
+        device_sums += torch.stack([losses.loss.detach(), losses.clean.detach(), adv.detach()]).double() * n
         sums[3] += n
-        progress.update(batch_index, lambda: {'loss': sums[0] / sums[3], 'clean': sums[1] / sums[3]})
+        progress.update(batch_index, lambda: dict(zip(('loss', 'clean'), (device_sums[:2] / sums[3]).tolist())))
         if update:
             _optimizer_step(state, epoch)
             _after_update(state, epoch, batch_index)
+            if batch_index % args.log_interval == 0:
+                _check_health(state, epoch)
             if state.stop:
                 break
     progress.close()
+    _check_health(state, epoch)
+    sums[:3] = device_sums.tolist()
     return sums, batch_index
 
 

@@ -7,6 +7,7 @@ from typing import List, Optional
 from advprop_zoo.errors import run_command
 
 from .args import parse_args
+from .distributed import cleanup
 from .embedded import run_embedded
 from .loop import train
 
@@ -18,6 +19,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     ``argv`` are the flags after ``train`` (default: the process's); returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
+
     def run() -> int:
         args = parse_args(argv)
         if args.data_dir is None and not getattr(args, 'dataset', None):  # the embedded demo; flags override it
@@ -29,7 +31,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f'stopped at step {summary["steps"]}; resume with --resume {summary["last_checkpoint"]}')
         return 0
 
-    return run_command('advprop-zoo train', run)
+    try:
+        return run_command('advprop-zoo train', run)
+    finally:
+        cleanup()  # the process group is destroyed at exit, error or not
 
 
 if __name__ == '__main__':

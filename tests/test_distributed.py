@@ -90,3 +90,24 @@ def test_a_dead_rank_ends_the_job_with_a_message(folder, tmp_path):
     text = run.stderr + run.stdout
     assert 'ddp_fault_runner.py FAILED' in text  # torchrun's summary names the job ...
     assert 'rank      : 1' in text and 'exitcode  : 3' in text  # ... the rank that died and how
+
+
+def test_a_nan_on_one_rank_stops_every_rank_at_once(folder, tmp_path):
+    """Rank 1 alone gets a non-finite loss (per-rank BN statistics, so nothing else spreads it): the
+    finiteness flags are all-reduced at the next check, and both ranks stop with the message in seconds
+    instead of one rank raising while the other waits in a collective until --dist-timeout."""
+    i = RUN.index('--max-steps')
+    full_run = RUN[:i] + RUN[i + 2:]
+    env = {**ENV, 'ADVPROP_TEST_FAULT': 'nan'}
+    t0 = time.time()
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           str(ROOT / 'tests' / 'ddp_fault_runner.py'), *full_run, '--no-sync-bn', '--data-dir', str(folder),
+           '--batch-size', '8', '--output', str(tmp_path), '--dist-timeout', '120']
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    elapsed = time.time() - t0
+    text = run.stderr + run.stdout
+    assert run.returncode != 0, text[-2000:]
+    assert text.count('non-finite loss at epoch 1, step 2') >= 2, text[-3000:]  # both ranks say it
+    assert elapsed < 60, elapsed  # well inside --dist-timeout: nobody waited on a collective
+    assert not list((tmp_path / 'checkpoints').glob('step-*'))
+    print(f'NaN on rank 1: both ranks stopped after {elapsed:.1f} s (job start included)')

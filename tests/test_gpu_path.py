@@ -105,3 +105,66 @@ def test_pixel_bounds_are_made_once():
     assert all(u is v for u, v in zip(a, b))
     lo, hi, unit = a
     assert torch.equal(lo.flatten(), torch.full((3,), -1.0)) and torch.allclose(unit.flatten(), torch.full((3,), 2 / 255))
+
+
+def _count_host_reads(monkeypatch):
+    """Counts reads of a tensor's value back to the host (item, tolist, bool, float, int) made by this
+    project's step code. On a GPU each is a sync; the data side (labels read on the host before they go to
+    the device: advprop_zoo/images.py, advprop_zoo_train/data.py) is left out."""
+    import sys as _sys
+    counts = {'n': 0}
+
+    def counting(name):
+        real = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, **k):
+            caller = _sys._getframe(1).f_code.co_filename
+            if ('/advprop_zoo/' in caller or '/advprop_zoo_train/' in caller) and \
+                    not caller.endswith(('images.py', 'data.py')):
+                counts['n'] += 1
+            return real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    for name in ('item', 'tolist', '__bool__', '__float__', '__int__'):
+        counting(name)
+    return counts
+
+
+@pytest.mark.parametrize('mode', ['advprop', 'fast-advprop', 'adv-train', 'vanilla'])
+def test_no_host_read_between_log_intervals(tmp_path, monkeypatch, mode):
+    """A step reads nothing back from the device: sums and finiteness flags stay there until a check
+    (every --log-interval batches, a checkpoint, the epoch end). Counted per step by wrapping forward_loss."""
+    import advprop_zoo.modes as modes
+    from advprop_zoo_train import build_parser, train
+    from test_train import TINY, _make_folder
+    folder = _make_folder(tmp_path / 'data', classes=3, train=16, val=4)
+    counts = _count_host_reads(monkeypatch)
+    at_step = []
+    real = modes.forward_loss
+
+    def marking(*a, **k):
+        at_step.append(counts['n'])
+        return real(*a, **k)
+    monkeypatch.setattr(modes, 'forward_loss', marking)
+    argv = [*TINY, '--data-dir', str(folder), '--output', str(tmp_path / 'run'), '--mode', mode, '--attack-eps', '2',
+            '--log-interval', '1000', '--batch-size', '8', '--clip-grad', '5']
+    train(build_parser().parse_args(argv))
+    per_step = [b - a for a, b in zip(at_step, at_step[1:])]
+    assert len(per_step) == 5 and per_step == [0] * 5, per_step  # 6 steps: no read between any two
+
+
+def test_compiled_training_recompiles_at_most_4_times_in_10_steps(tmp_path):
+    """dynamic=False and nothing that changes between steps: the step and the attack each compile their
+    graphs once (attack, clean and auxiliary passes), never again per step (torch's own counters)."""
+    from torch._dynamo.utils import counters
+    from advprop_zoo_train import build_parser, train
+    from test_train import TINY, _make_folder
+    folder = _make_folder(tmp_path / 'data', classes=2, train=20, val=2)
+    torch._dynamo.reset()
+    counters.clear()
+    argv = [*TINY, '--data-dir', str(folder), '--output', str(tmp_path / 'run'), '--mode', 'advprop',
+            '--attack-eps', '2', '--batch-size', '4', '--torchcompile', 'aot_eager', '--max-steps', '10', '--split-bn']
+    assert train(build_parser().parse_args(argv)).summary['steps'] == 10
+    recompiles = sum(counters['recompiles'].values())
+    assert recompiles <= 4, dict(counters['recompiles'])
+    print(f'recompiles over 10 compiled AdvProp steps: {recompiles} ({dict(counters["recompiles"])}); '
+          f"unique graphs: {counters['stats']['unique_graphs']}; {sorted(counters)}")
