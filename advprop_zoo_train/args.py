@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0), help='random-resized-crop scale range')
     g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
     g.add_argument('--reprob', type=float, default=0.0, help='random erasing probability')
-    g.add_argument('--workers', type=int, default=2, help='data loader worker processes')
+    g.add_argument('-j', '--workers', type=int, default=4,
+                   help='data loader worker processes (persistent across epochs)')
     g.add_argument('--strict-images', action='store_true',
                    help='stop with an error naming the first unreadable image (a truncated file, a non-image under '
                         'an image name) of a folder, tar or hfds/ dataset; by default each is left out of its batches '

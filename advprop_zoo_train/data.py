@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_dataset, create_loader, create_transform
+from timm.data.random_erasing import RandomErasing
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from advprop_zoo.errors import AdvPropZooError
@@ -487,6 +488,24 @@ class CheckedLoader:
         return self.loader.sampler
 
 
+class DeviceNormalize:
+    """Training batches travel from the workers as uint8 (a quarter of float32's bytes) and become model
+    inputs on the device: normalised there, randomly erased there when ``--reprob`` asks (timm's prefetcher
+    does the same two steps on the GPU)."""
+
+    def __init__(self, mean, std, device: torch.device, re_prob: float = 0.0, re_mode: str = 'pixel',
+                 re_count: int = 1):
+        self.device = torch.device(device)
+        self.mean = torch.tensor([255 * m for m in mean], device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor([255 * s for s in std], device=self.device).view(1, -1, 1, 1)
+        self.erase = RandomErasing(re_prob, mode=re_mode, max_count=re_count, device=self.device) \
+            if re_prob > 0 else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
+        return self.erase(x) if self.erase is not None else x
+
+
 class TrainLoader:
     """What the train loop needs of a training loader, whatever the dataset: batches, ``steps_per_epoch``
     (the same on every rank), ``set_epoch(epoch, start_batch)`` (returns the batch it starts at: a map-style
@@ -653,10 +672,11 @@ def create_loaders(args, data_config: Dict, rank: int = 0, world_size: int = 1):
                   mean=data_config['mean'], std=data_config['std'])
     train_transform = create_transform(
         is_training=True, scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip,
-        color_jitter=args.color_jitter, auto_augment=args.aa, re_prob=args.reprob, re_mode=args.remode,
-        re_count=args.recount, **({'interpolation': args.train_interpolation} if args.train_interpolation else {}),
-        **common)
+        color_jitter=args.color_jitter, auto_augment=args.aa, use_prefetcher=True,  # uint8 out: see DeviceNormalize
+        **({'interpolation': args.train_interpolation} if args.train_interpolation else {}), **common)
     pin = args.pin_mem
+    to_device = DeviceNormalize(data_config['mean'], data_config['std'], args.device, args.reprob, args.remode,
+                                args.recount)
     ds_train, ds_val = _open_splits(args, src, img_mode)
     classes = _classes(args, src, ds_train, ds_val)
     if src.iterable:
@@ -671,7 +691,7 @@ def create_loaders(args, data_config: Dict, rank: int = 0, world_size: int = 1):
                             f'batch ({args.batch_size})')
         loader = torch.utils.data.DataLoader(
             ds_train, batch_size=args.batch_size, num_workers=args.workers, pin_memory=pin, drop_last=True,
-            persistent_workers=False, generator=torch.Generator().manual_seed(args.seed))
+            persistent_workers=args.workers > 0, generator=torch.Generator().manual_seed(args.seed))
         train = IterableTrainLoader(loader, ds_train, UnreadableImages(ds_train, strict=args.strict_images),
                                     seed=args.seed, rank=rank, label=src.label)
     else:
@@ -683,7 +703,7 @@ def create_loaders(args, data_config: Dict, rank: int = 0, world_size: int = 1):
         sampler = ResumableSampler(len(ds_train), args.batch_size, seed=args.seed, rank=rank, world_size=world_size)
         loader = torch.utils.data.DataLoader(
             SeededDataset(ds_train, seed=args.seed), batch_size=args.batch_size, sampler=sampler,
-            num_workers=args.workers, pin_memory=pin, drop_last=True, persistent_workers=False,
+            num_workers=args.workers, pin_memory=pin, drop_last=True, persistent_workers=args.workers > 0,
             generator=torch.Generator().manual_seed(args.seed))  # leaves the global RNG alone
         train = TrainLoader(loader, sampler, UnreadableImages(ds_train, strict=args.strict_images))
         val_workers = args.workers
@@ -692,4 +712,5 @@ def create_loaders(args, data_config: Dict, rank: int = 0, world_size: int = 1):
         crop_pct=data_config['crop_pct'], num_workers=val_workers, distributed=world_size > 1, use_prefetcher=False,
         pin_memory=pin, **common)
     val = CheckedLoader(val, UnreadableImages(ds_val, strict=args.strict_images, what='validation'))
+    train.to_device = to_device
     return train, val, classes

@@ -506,7 +506,7 @@ def _prepare_batch(state: TrainState, x: torch.Tensor, y: torch.Tensor, sums: Li
                                 f'({len(skipped)}, e.g. {skipped[0]}); remove or replace them')
     if state.mixup is not None and len(y) % 2:
         x, y = x[:-1], y[:-1]
-    x, y = x.to(state.dist.device, non_blocking=True), y.to(state.dist.device, non_blocking=True)
+    x, y = state.train_loader.to_device(x), y.to(state.dist.device, non_blocking=True)  # uint8 -> normalised
     if state.args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     if state.mixup is not None:

@@ -168,3 +168,28 @@ def test_compiled_training_recompiles_at_most_4_times_in_10_steps(tmp_path):
     assert recompiles <= 4, dict(counters['recompiles'])
     print(f'recompiles over 10 compiled AdvProp steps: {recompiles} ({dict(counters["recompiles"])}); '
           f"unique graphs: {counters['stats']['unique_graphs']}; {sorted(counters)}")
+
+
+def test_batches_travel_as_uint8_and_are_normalised_on_the_device(tmp_path):
+    """The train loader's batches are uint8 (a quarter of float32's bytes across the worker pipe and to the
+    GPU); DeviceNormalize gives the values timm's float pipeline would (ToTensor + Normalize)."""
+    from PIL import Image
+    from timm.data import create_transform
+    from advprop_zoo_train import build_parser
+    from advprop_zoo_train.data import DeviceNormalize, create_loaders
+    from test_train import TINY, _make_folder
+    folder = _make_folder(tmp_path / 'data', classes=2, train=4, val=2)
+    args = build_parser().parse_args([*TINY, '--data-dir', str(folder), '--device', 'cpu', '--batch-size', '4'])
+    config = dict(input_size=(3, 32, 32), interpolation='bicubic', mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3),
+                  crop_pct=0.875)
+    train, _, _ = create_loaders(args, config)
+    train.set_epoch(0)
+    x, _ = next(iter(train))
+    assert x.dtype == torch.uint8 and x.shape == (4, 3, 32, 32)
+    img = Image.open(next((folder / 'train' / 'class0').iterdir())).convert('RGB')
+    plain = create_transform(32, is_training=False, crop_pct=1.0, mean=config['mean'], std=config['std'])
+    uint8 = create_transform(32, is_training=False, crop_pct=1.0, use_prefetcher=True)
+    ours = DeviceNormalize(config['mean'], config['std'], 'cpu')(uint8(img)[None])
+    assert torch.allclose(ours, plain(img)[None], atol=1e-5)
+    erased = DeviceNormalize(config['mean'], config['std'], 'cpu', re_prob=1.0)(uint8(img)[None].repeat(8, 1, 1, 1))
+    assert not torch.allclose(erased, ours.repeat(8, 1, 1, 1))  # --reprob erases on the device
