@@ -18,6 +18,9 @@ from .errors import run_command
 from .export import export_model
 from .fold import fold_checkpoint
 from .load import load_model
+from .modes import MODES
+from .plan import (COUNTING_RULE, DEFAULT_BATCH_SIZE, IMAGENET_TRAIN_IMAGES, RECIPE_EPOCHS, plan_rows, plan_table,
+                   read_measured, resolve_epochs)
 from .table import format_table
 from .version import __version__
 from .weights import cached_weights_path
@@ -70,6 +73,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    if args.model is None and not args.all:
+        raise ValueError('give --model M, or --all for B0-B8')
+    measured = read_measured(args.measured) if args.measured else None
+    models = [v.name for v in VARIANTS] if args.all else [args.model]
+    rows = plan_rows(models, mode=args.mode, gpus=args.gpus, epochs=resolve_epochs(args.epochs, args.recipe),
+                     batch_size=args.batch_size, images=args.images, attack_eps=args.attack_eps,
+                     attack_steps=args.attack_steps, p_adv=args.p_adv, clean_weight=args.clean_weight,
+                     vanilla_images_per_s=args.vanilla_images_per_s, throughput_model=args.model, measured=measured)
+    print(plan_table(rows, args.gpus, measured))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='advprop-zoo',
@@ -111,6 +127,40 @@ def build_parser() -> argparse.ArgumentParser:
                        '--compare results', description=EVAL_DESCRIPTION)
     add_eval_arguments(p)
     p.set_defaults(func=eval_command)
+
+    p = sub.add_parser('plan', help='plan a re-training: step cost against vanilla, steps, images, GPU-hours',
+                       description='Print, for planning a re-training, one Markdown row per model: attack passes '
+                                   'per step, the step cost in vanilla-step units (counted; measured from '
+                                   '--measured), global batch, steps and images per epoch and in total, and '
+                                   'GPU-hours from a vanilla throughput you give or --measured holds (never '
+                                   'guessed). ' + COUNTING_RULE)
+    p.add_argument('--model', default=None,
+                   help='zoo model, e.g. efficientnet_b0_advprop; with --all, the model --vanilla-images-per-s '
+                        'was measured on')
+    p.add_argument('--all', action='store_true', help='every size B0-B8, each with its paper attacker and resolution')
+    p.add_argument('--mode', default='advprop', metavar='MODE', help=f'{" | ".join(MODES)} (default advprop)')
+    p.add_argument('--gpus', type=int, default=1, metavar='N', help='data-parallel GPUs (default 1)')
+    p.add_argument('--batch-size', '-b', type=int, default=DEFAULT_BATCH_SIZE, metavar='N',
+                   help=f'per GPU (default {DEFAULT_BATCH_SIZE}); global = this x --gpus, e.g. 64 x 64 = 4096 as '
+                        f'the paper')
+    p.add_argument('--epochs', type=int, default=None, metavar='N', help='default: the --recipe\'s')
+    p.add_argument('--recipe', default=None, metavar='NAME',
+                   help='epochs of a train preset: ' + ', '.join(f'{k} {v}' for k, v in RECIPE_EPOCHS.items()))
+    p.add_argument('--images', type=int, default=IMAGENET_TRAIN_IMAGES, metavar='N',
+                   help=f'training images per epoch (default {IMAGENET_TRAIN_IMAGES:,}, ImageNet-1k train)')
+    p.add_argument('--attack-eps', type=float, default=None, metavar='EPS',
+                   help='advprop / adv-train: PGD budget in pixels (default: the paper\'s for the size)')
+    p.add_argument('--attack-steps', type=int, default=None, metavar='K',
+                   help='advprop / adv-train: PGD steps (default: the paper\'s rule from the eps)')
+    p.add_argument('--p-adv', type=float, default=0.2, metavar='P',
+                   help='fast-advprop: fraction of each batch attacked (default 0.2)')
+    p.add_argument('--clean-weight', type=float, default=0.5, metavar='A',
+                   help='adv-train: clean loss weight; 0 (Madry) skips the clean half of the pass (default 0.5)')
+    p.add_argument('--vanilla-images-per-s', type=float, default=None, metavar='X',
+                   help='vanilla training images/s per GPU measured on --model; gives GPU-hours')
+    p.add_argument('--measured', default=None, metavar='FILE.json',
+                   help='benchmarks/gpu.py\'s JSON: measured ratios, and its vanilla images/s for its model')
+    p.set_defaults(func=_cmd_plan)
 
     for name, ep in sorted(plugin_commands().items()):  # their own parsers own their flags
         doc = (getattr(ep.load(), '__doc__', None) or '').strip().splitlines()
