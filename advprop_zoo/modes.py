@@ -77,6 +77,7 @@ def forward_loss(
         autocast_dtype: Optional[torch.dtype] = None,
         grad_scale: Union[float, Callable[[torch.Tensor], torch.Tensor]] = 1.0,
         attack_model: Optional[nn.Module] = None,
+        backward_clean: Optional[Callable[[torch.Tensor], None]] = None,
 ) -> StepLosses:
     """The loss of one batch ``x`` (model space, normalised with ``mean``/``std``) under ``cfg.mode``. ``y``
     holds class indices, or soft targets (mixup / cutmix) whose argmax the attack then targets around.
@@ -87,6 +88,11 @@ def forward_loss(
     ``attack_model`` is what the attack runs (default ``model``): under DDP, the wrapped module, since
     DDP must only see the training passes (Fast AdvProp's attack-pass gradients, accumulated in
     ``param.grad``, are still averaged over ranks by the training backward).
+
+    ``backward_clean`` (advprop, two passes): back-propagate the clean loss with it as soon as it exists,
+    before the adversarial forward, so the clean pass's activations are freed first (peak memory: one
+    pass's graph, not two); the returned loss then carries the clean term detached, as Fast AdvProp's
+    does, and the caller's backward adds the adversarial gradients. The update is the same sum.
     """
     if cfg.needs_dual_bn and not any(is_dual_bn(m) for m in model.modules()):
         raise ValueError(f'{cfg.mode} needs auxiliary BNs: convert the model with advprop_zoo.to_dual_bn(model)')
@@ -116,6 +122,9 @@ def forward_loss(
         else:
             with amp:
                 clean = fp32_loss(model(x), y)
+            if backward_clean is not None:
+                backward_clean(clean)
+                clean = clean.detach()
             with bn_route(model, 'aux'), amp:
                 adv = fp32_loss(model(x_adv), y)
         return StepLosses(clean + cfg.adv_weight * adv, clean.detach(), adv.detach(), len(x))

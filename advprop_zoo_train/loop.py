@@ -555,9 +555,10 @@ def train_one_epoch(state: TrainState, epoch: int) -> Tuple[List[float], int]:
     for x, y in state.train_loader:
         x, y = _prepare_batch(state, x, y, sums, epoch, batch_index)
         divisor = (steps - last_group) if batch_index >= last_group else accum
+        early = None if state.dist.distributed else (lambda clean: _backward(state, clean, divisor, sync=True))
         losses = modes.forward_loss(
             state.step_model, x, y, state.criterion, state.mode, mean, std, autocast_dtype=state.amp_dtype,
-            grad_scale=_loss_scale(state, divisor), attack_model=state.attack_model)
+            grad_scale=_loss_scale(state, divisor), attack_model=state.attack_model, backward_clean=early)
         _note_nonfinite(state, losses.loss, 0)
         batch_index += 1
         update = batch_index % accum == 0 or batch_index == steps

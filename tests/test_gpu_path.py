@@ -193,3 +193,24 @@ def test_batches_travel_as_uint8_and_are_normalised_on_the_device(tmp_path):
     assert torch.allclose(ours, plain(img)[None], atol=1e-5)
     erased = DeviceNormalize(config['mean'], config['std'], 'cpu', re_prob=1.0)(uint8(img)[None].repeat(8, 1, 1, 1))
     assert not torch.allclose(erased, ours.repeat(8, 1, 1, 1))  # --reprob erases on the device
+
+
+def test_clean_backward_before_the_adversarial_forward_gives_the_same_update():
+    """AdvProp's two passes with the clean loss back-propagated first (its activations freed before the
+    adversarial forward): the gradients are the two-graph backward's, and the clean gradients are already
+    in place when the adversarial forward starts."""
+    x, y = _batch(8)
+    cfg = ModeConfig('advprop', AttackConfig(eps=2, steps=1, random_start=False))
+    grads, seen = [], []
+    for early in (False, True):
+        model = to_dual_bn(_model()).train()
+        hook = model.conv_stem.register_forward_pre_hook(
+            lambda m, a: seen.append(m.weight.grad is not None) if early else None)
+        torch.manual_seed(3)
+        out = forward_loss(model, x, y, torch.nn.CrossEntropyLoss(), cfg, *ADVPROP,
+                           backward_clean=(lambda t: t.backward()) if early else None)
+        out.loss.backward()
+        hook.remove()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+    assert seen[-1] is True  # the adversarial forward (the last one) ran after the clean backward
