@@ -194,6 +194,12 @@ class CudaTests:
         self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, 'HF_HUB_OFFLINE': '1'}, stdout=self.log,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
+    def stop(self) -> None:
+        """End the tests if they still run (this process is being interrupted)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
     def result(self) -> Dict[str, Any]:
         if self.proc is None:
             return {'ran': False, 'reason': self.reason}
@@ -549,8 +555,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     t0 = time.perf_counter()
     say(f'cuda tests: {"running beside the compilation" if tests.proc else tests.reason}; compiling the train rows')
-    bench = TrainBench(args, device, amp)
-    bench.compile()
+    try:
+        bench = TrainBench(args, device, amp)
+        bench.compile()
+    except KeyboardInterrupt:
+        tests.stop()
+        raise
+    except BaseException:  # the train rows failed: the tests' verdict is still worth having
+        save(cuda_tests=tests.result())
+        raise
     seconds['train_compile'] = round(time.perf_counter() - t0, 1)
     say('train rows compiled; waiting for the cuda tests' if tests.proc else 'train rows compiled')
     t0 = time.perf_counter()
