@@ -14,10 +14,11 @@ from ..attacks import PAPER_STEPS_RULE
 from ..malloc import keep_freed_memory
 from ..weights import check_output_path
 from .datasets import DATASETS, TIMM_PREFIXES, check_dataset_name
+from .autoattack import AUTOATTACK_ATTACKS, INSTALL_HINT as AA_INSTALL_HINT
 from .results import (
     check_plotting, compare_results, format_results, plot_results, read_results, write_results, write_results_csv,
 )
-from .suite import CROP_MODES, INTERPOLATIONS, EvalConfig, parse_eps, run_eval
+from .suite import CROP_MODES, INTERPOLATIONS, EvalConfig, parse_attacks, parse_eps, run_eval
 
 __all__ = ['add_eval_arguments', 'eval_command']
 
@@ -26,7 +27,9 @@ _AMP_DTYPE = {'float16': 'fp16', 'bfloat16': 'bf16'}
 
 DESCRIPTION = (
     'Evaluate a model the way the AdvProp paper did: ImageNet top-1/top-5, robust accuracy under a PGD/FGSM '
-    'sweep over eps (0-255 pixel units), ImageNet-C per-corruption error, CE, mCE and relative mCE (AlexNet-'
+    'sweep over eps (0-255 pixel units) and under AutoAttack (the pyautoattack package; --protocol robustbench: '
+    'RobustBench\'s ImageNet L-inf setting), a dual-BN checkpoint through its auxiliary BNs too (--bn-route), '
+    'ImageNet-C per-corruption error, CE, mCE and relative mCE (AlexNet-'
     'normalised), ImageNet-A top-1 (logits cut to its 200 classes), Stylized-ImageNet top-1, or any ImageFolder. '
     'Preprocessing comes from the model\'s pretrained config through timm (size, bicubic, crop_pct, mean/std). '
     'An image that cannot be read (a truncated file, a non-image under an image name) is left out of every number '
@@ -48,7 +51,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                         '--pretrained / --checkpoint is required (validate.py falls back to pretrained weights)')
     w.add_argument('--checkpoint', metavar='FILE', help='weights file (.safetensors, or .pth / .bin / a timm train.py '
                    '.pth.tar loaded weights_only: tensors, plain values and its argparse args only; dual-BN '
-                   'checkpoints are folded); its classifier size is used')
+                   'checkpoints are folded unless --bn-route aux|both); its classifier size is used')
     p.add_argument('--use-ema', action='store_true',
                    help="the EMA weights of a timm --checkpoint (state_dict_ema; default: its state_dict, as timm). "
                         'Differs from timm: a file without EMA weights is an error, not a silent fall back')
@@ -96,8 +99,34 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     pre.add_argument('--std', type=float, nargs='+', default=None, metavar='STD',
                      help='normalisation std, 1 value or one per channel (AdvProp models: 0.5)')
     a = p.add_argument_group('robust accuracy')
-    a.add_argument('--attack', choices=['pgd', 'fgsm'], default=None, help='also evaluate under this L-inf attack')
-    a.add_argument('--eps', default=None, help='comma-separated eps in 0-255 pixel units (default 1,2,4)')
+    a.add_argument('--attack', metavar='KIND', default=None,
+                   help='also evaluate under these L-inf attacks: pgd, fgsm, autoattack, or several comma-separated '
+                        '(pgd,autoattack: both curves in one --plot). autoattack runs AutoAttack from the pyautoattack '
+                        f'package ({AA_INSTALL_HINT}) on images in [0, 1], the model\'s mean/std inside the model')
+    a.add_argument('--eps', default=None, help='comma-separated eps in 0-255 pixel units, 4 = 4/255 (default 1,2,4; '
+                   'autoattack alone: 4). AutoAttack takes eps in (0, 255]')
+    a.add_argument('--autoattack-version', default='standard', metavar='VERSION',
+                   help='AutoAttack version: standard (APGD-CE, APGD-T, FAB-T, Square; default), plus, rand, or custom '
+                        'with --autoattack-attacks')
+    a.add_argument('--autoattack-attacks', default=None, metavar='LIST',
+                   help='with --autoattack-version custom: the attacks to run, comma-separated, in AutoAttack\'s '
+                        f'names ({", ".join(AUTOATTACK_ATTACKS)})')
+    a.add_argument('--n-examples', type=int, default=None, metavar='N',
+                   help='evaluate only the first N images in the dataset\'s order (RobustBench\'s n_examples), for the '
+                        'clean pass and every attack alike (RobustBench: the first N of its list). Not timm\'s '
+                        '--num-samples, which is the length of an iterable split')
+    a.add_argument('--protocol', default=None, metavar='NAME',
+                   help='robustbench: RobustBench\'s ImageNet L-inf setting on the ImageNet val folder --data-dir: its '
+                        'fixed 5000-image list, resize 256 / center-crop 224 (bilinear), standard AutoAttack at eps '
+                        '4/255 (fixes --attack, --eps and the preprocessing). The list comes from the robustbench '
+                        'package (pip install --no-deps robustbench) or --robustbench-list')
+    a.add_argument('--robustbench-list', default=None, metavar='FILE',
+                   help='the image list for --protocol robustbench (lines like n09468604/ILSVRC2012_val_00015253.JPEG) '
+                        'instead of the installed robustbench package\'s')
+    a.add_argument('--bn-route', default='main', metavar='ROUTE',
+                   help='a dual-BN checkpoint (AdvProp training\'s weights before folding) through its main BNs '
+                        '(default; the released model), its auxiliary BNs (aux: every metric prefixed aux_, e.g. '
+                        'aux_imagenet_top1) or both (two rows per number). A plain checkpoint has no aux route')
     a.add_argument('--steps', type=int, default=None,
                    help=f'PGD iterations (default: the paper\'s rule, {PAPER_STEPS_RULE})')
     a.add_argument('--step-size', type=float, default=None, help='PGD step in pixel units (default 1; FGSM: eps)')
@@ -152,8 +181,19 @@ def eval_command(args: argparse.Namespace) -> int:
     if not args.model:
         raise ValueError('--model is required (or --compare A.json B.json)')
     check_dataset_name(args.dataset)
-    if not args.attack and (args.eps or args.steps or args.step_size or args.targeted):
-        raise ValueError('--eps, --steps, --step-size and --targeted need --attack pgd|fgsm')
+    if args.protocol and (args.attack or args.eps or args.autoattack_version != 'standard'
+                          or args.autoattack_attacks):
+        raise ValueError('--protocol robustbench fixes the attack (standard AutoAttack, eps 4/255); drop --attack, '
+                         '--eps, --autoattack-version and --autoattack-attacks')
+    if args.robustbench_list and args.protocol != 'robustbench':
+        raise ValueError('--robustbench-list needs --protocol robustbench')
+    kinds = parse_attacks(args.attack)
+    if not kinds and (args.eps or args.steps or args.step_size or args.targeted):
+        raise ValueError('--eps, --steps, --step-size and --targeted need --attack pgd|fgsm|autoattack')
+    if kinds == ['autoattack'] and (args.steps or args.step_size or args.targeted):
+        raise ValueError('--steps, --step-size and --targeted are PGD / FGSM settings; AutoAttack fixes its own')
+    if (args.autoattack_version != 'standard' or args.autoattack_attacks) and 'autoattack' not in kinds:
+        raise ValueError('--autoattack-version and --autoattack-attacks need --attack autoattack')
     amp = args.amp
     wanted = _AMP_DTYPE.get(args.amp_dtype or 'float16')
     if amp == _BARE_AMP:  # timm's --amp [--amp-dtype float16|bfloat16]
@@ -171,14 +211,14 @@ def eval_command(args: argparse.Namespace) -> int:
         check_output_path(args.results_file, overwrite=True)
     if args.plot:
         check_output_path(args.plot, overwrite=True)
-        if not args.attack and args.dataset != 'imagenet-c':
+        if not args.attack and not args.protocol and args.dataset != 'imagenet-c':
             raise ValueError('--plot needs --attack (accuracy vs eps) or --dataset imagenet-c (CE bar chart)')
         check_plotting()
 
     cfg = EvalConfig(
         model=args.model, data_dir=args.data_dir, dataset=args.dataset, checkpoint=args.checkpoint,
         pretrained=args.pretrained, num_classes=args.num_classes, attack=args.attack,
-        eps=parse_eps(args.eps or '1,2,4') if args.attack else (), steps=args.steps, step_size=args.step_size,
+        eps=parse_eps(args.eps or ('4' if kinds == ['autoattack'] else '1,2,4')) if kinds else (), steps=args.steps, step_size=args.step_size,
         targeted=args.targeted, batch_size=args.batch_size, amp=amp, channels_last=args.channels_last,
         device=args.device, workers=args.workers, fuse=not args.no_fuse, img_size=args.img_size,
         corruptions=[c.strip() for c in args.corruptions.split(',') if c.strip()] if args.corruptions else None,
@@ -186,7 +226,12 @@ def eval_command(args: argparse.Namespace) -> int:
         split=args.split, class_map=args.class_map, input_img_mode=args.input_img_mode,
         dataset_download=args.dataset_download, num_samples=args.num_samples, input_key=args.input_key,
         target_key=args.target_key, input_size=args.input_size, crop_pct=args.crop_pct, crop_mode=args.crop_mode,
-        interpolation=args.interpolation, mean=args.mean, std=args.std)
+        interpolation=args.interpolation, mean=args.mean, std=args.std,
+        autoattack_version=args.autoattack_version,
+        autoattack_attacks=([a.strip() for a in args.autoattack_attacks.split(',') if a.strip()]
+                            if args.autoattack_attacks else None),
+        n_examples=args.n_examples, protocol=args.protocol, robustbench_list=args.robustbench_list,
+        bn_route=args.bn_route)
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     if args.cpu_malloc == 'reuse' and device == 'cpu':
         keep_freed_memory()  # fresh activations every batch: most of a CPU forward would be page faults

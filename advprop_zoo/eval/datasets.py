@@ -35,6 +35,7 @@ from PIL import Image
 from timm.data import ImageDataset, create_dataset, create_loader
 from timm.data.readers.class_map import load_class_map
 from torch import nn
+from torch.utils.data import Dataset
 
 from ..errors import AdvPropZooError, describe_error
 from ..images import ReadableImageDataset
@@ -42,7 +43,8 @@ from .imagenet_c import BENCHMARK_CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES
 
 __all__ = [
     'DATASETS', 'EvalDataError', 'imagenet_synsets', 'imagenet_a_synsets', 'imagenet_a_indices', 'LogitSubset',
-    'resolve_root', 'class_map_for', 'find_imagenet_c', 'create_eval_loader', 'eval_loader', 'TIMM_PREFIXES',
+    'resolve_root', 'class_map_for', 'find_imagenet_c', 'create_eval_dataset', 'create_eval_loader', 'eval_loader',
+    'ImageSubset', 'first_examples', 'TIMM_PREFIXES',
     'ITERABLE_PREFIXES', 'timm_prefix', 'check_dataset_name', 'read_class_map', 'create_spec_dataset',
     'check_spec_classes', 'check_img_mode',
 ]
@@ -245,6 +247,26 @@ def find_imagenet_c(
     return out
 
 
+def create_eval_dataset(
+        root: os.PathLike,
+        class_map: Mapping[str, int],
+        dataset_name: str = 'folder',
+        input_img_mode: str = 'RGB',
+) -> ReadableImageDataset:
+    """timm's folder dataset over an ImageFolder ``root`` with explicit labels (``class_map``), wrapped in
+    ``ReadableImageDataset``: an unreadable image arrives as a placeholder with a negative label, which
+    ``evaluate_accuracy`` excludes. No images at all is one line (EvalDataError)."""
+    try:
+        dataset = create_dataset('', root=str(root), split='validation', search_split=False,
+                                 class_map=dict(class_map), input_img_mode=input_img_mode)
+    except RuntimeError as e:
+        if 'Found 0 images' in str(e):
+            raise EvalDataError(f'{dataset_name}: no images in {root} (looked for .jpg, .jpeg, .png, .webp '
+                                'files in its class folders)') from None
+        raise
+    return ReadableImageDataset(dataset)
+
+
 def create_eval_loader(
         root: os.PathLike,
         class_map: Mapping[str, int],
@@ -255,19 +277,60 @@ def create_eval_loader(
         dataset_name: str = 'folder',
         input_img_mode: str = 'RGB',
 ):
-    """timm's dataset and eval loader over an ImageFolder ``root`` with explicit labels: transform from
-    ``data_config`` (timm's ``resolve_data_config``: size, bicubic, crop_pct, mean/std), and on CUDA timm's
-    prefetcher, which normalises on the GPU. The dataset is wrapped in ``ReadableImageDataset``: an
-    unreadable image arrives as a placeholder with a negative label, which ``evaluate_accuracy`` excludes."""
-    try:
-        dataset = create_dataset('', root=str(root), split='validation', search_split=False,
-                                 class_map=dict(class_map), input_img_mode=input_img_mode)
-    except RuntimeError as e:
-        if 'Found 0 images' in str(e):
-            raise EvalDataError(f'{dataset_name}: no images in {root} (looked for .jpg, .jpeg, .png, .webp '
-                                'files in its class folders)') from None
-        raise
-    return eval_loader(ReadableImageDataset(dataset), data_config, batch_size, device, workers)
+    """timm's dataset and eval loader over an ImageFolder ``root`` with explicit labels (``create_eval_dataset``):
+    transform from ``data_config`` (timm's ``resolve_data_config``: size, bicubic, crop_pct, mean/std), and on
+    CUDA timm's prefetcher, which normalises on the GPU."""
+    dataset = create_eval_dataset(root, class_map, dataset_name, input_img_mode)
+    return eval_loader(dataset, data_config, batch_size, device, workers)
+
+
+class ImageSubset(Dataset):
+    """Some samples of a map-style eval dataset, in a given order (``--n-examples``: the first N; RobustBench's
+    list: its images in its order). Samples, transform (settable, as timm's ``create_loader`` sets it) and file
+    names are the wrapped dataset's; an unreadable image's placeholder label keeps the *wrapped* dataset's index,
+    and ``filename`` takes that index, so ``unreadable_names`` names the right file. ``positions`` maps a
+    wrapped index back to its place in the subset."""
+
+    def __init__(self, dataset, indices: Sequence[int]):
+        self.dataset = dataset
+        self.indices = [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.dataset[self.indices[i]]
+
+    @property
+    def transform(self):
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, value) -> None:
+        self.dataset.transform = value
+
+    def filename(self, index: int, basename: bool = False, absolute: bool = False) -> str:
+        """The file of the wrapped dataset's sample ``index`` (as a placeholder label encodes it); ``#index``
+        for a dataset that cannot name its files."""
+        name = getattr(self.dataset, 'filename', None)
+        return str(name(index, basename=basename, absolute=absolute)) if name is not None else f'#{index}'
+
+    def files(self) -> List[str]:
+        """The subset's files, in its order (relative to the dataset root)."""
+        return [self.filename(i) for i in self.indices]
+
+    def positions(self) -> Dict[int, int]:
+        return {idx: pos for pos, idx in enumerate(self.indices)}
+
+
+def first_examples(dataset, n: Optional[int]):
+    """The first ``n`` samples of a map-style dataset in its own order (``--n-examples``, RobustBench's
+    ``n_examples``); the dataset itself when ``n`` is None or not smaller than it."""
+    if n is None or n >= len(dataset):
+        return dataset
+    if isinstance(dataset, ImageSubset):
+        return ImageSubset(dataset.dataset, dataset.indices[:n])
+    return ImageSubset(dataset, range(n))
 
 
 def eval_loader(dataset, data_config: Mapping[str, object], batch_size: int, device: torch.device, workers: int = 4):
