@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--max-steps', type=int, default=None,
                    help='stop after this many optimizer steps in total (checkpointed; resume continues)')
     g.add_argument('--dist-timeout', type=float, default=600.0,
-                   help='seconds a collective may wait before a torchrun job with a dead rank fails')
+                   help='seconds a collective may wait before a torchrun job with a dead or hung rank fails (rank 0 '
+                        'names it); a rank with no batch finished in twice this exits by itself')
     g.add_argument('--no-sync-bn', action='store_true', help='torchrun: keep BN statistics per rank')
     return p
 

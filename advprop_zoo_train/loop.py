@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from timm.data import resolve_data_config
@@ -45,7 +45,7 @@ from .checkpoint import (
     verify_checkpoint,
 )
 from .data import create_loaders, digits_folder, resolve_splits
-from .distributed import DistInfo, all_gather, all_reduce_sum, init_distributed
+from .distributed import DistInfo, StepWatchdog, all_gather, all_reduce_sum, collective_failure, init_distributed
 from .logs import Progress, RunLog, start_wandb
 from .recipes import describe as describe_recipe
 
@@ -111,6 +111,7 @@ class TrainState:
     # on the device, read only at a check (log interval, checkpoint, epoch end): the first step whose loss
     # [0] or gradient norm [1] was non-finite, _NEVER while none was; a step never waits for the device
     bad_at: Optional[torch.Tensor] = None
+    watchdog: Optional[StepWatchdog] = None  # distributed runs: ends this rank when it hangs between batches
 
     @property
     def progress(self) -> bool:
@@ -372,6 +373,8 @@ def setup(args: argparse.Namespace) -> TrainState:
         if (said := describe_recipe(args)):
             print(said)
     state.step_model, state.attack_model = _wrap_model(model, args, info)
+    if info.distributed:  # twice the collectives' timeout: the ranks that wait name the hung one first
+        state.watchdog = StepWatchdog(2 * args.dist_timeout, info.rank)
     return state
 
 
@@ -567,6 +570,8 @@ def train_one_epoch(state: TrainState, epoch: int) -> Tuple[List[float], int]:
         adv = losses.adv if losses.adv is not None else torch.zeros((), device=losses.loss.device)
         device_sums += torch.stack([losses.loss.detach(), losses.clean.detach(), adv.detach()]).double() * n
         sums[3] += n
+        if state.watchdog is not None:
+            state.watchdog.pet()
         progress.update(batch_index, lambda: dict(zip(('loss', 'clean'), (device_sums[:2] / sums[3]).tolist())))
         if update:
             _optimizer_step(state, epoch)
@@ -582,10 +587,12 @@ def train_one_epoch(state: TrainState, epoch: int) -> Tuple[List[float], int]:
 
 
 def validate(model: nn.Module, loader: Iterable, mean: Sequence[float], std: Sequence[float], device: torch.device,
-             amp_dtype: Optional[torch.dtype], channels_last: bool, info: DistInfo) -> Dict[str, float]:
-    """Clean validation top-1 / top-5, summed over ranks (timm's eval sampler pads the last shard)."""
+             amp_dtype: Optional[torch.dtype], channels_last: bool, info: DistInfo,
+             on_batch: Optional[Callable[[], None]] = None) -> Dict[str, float]:
+    """Clean validation top-1 / top-5, summed over ranks (timm's eval sampler pads the last shard);
+    ``on_batch()`` after each batch."""
     m = evaluate_accuracy(model, loader, mean, std, device=device, autocast_dtype=amp_dtype,
-                          channels_last=channels_last)
+                          channels_last=channels_last, on_batch=on_batch)
     c1, c5, n = all_reduce_sum([m['top1'] * m['images'] / 100, m['top5'] * m['images'] / 100, m['images']], info)
     return {'top1': 100 * c1 / n, 'top5': 100 * c5 / n, 'images': n}
 
@@ -597,17 +604,20 @@ def _end_epoch(state: TrainState, epoch: int, sums: List[float], t0: float) -> N
     state.scheduler.step(epoch + 1)
     loss, clean, adv, seen, unreadable = all_reduce_sum(sums, state.dist)
     metrics = validate(state.model, state.val_loader, state.data_config['mean'], state.data_config['std'],
-                       state.dist.device, state.amp_dtype, state.args.channels_last, state.dist)
+                       state.dist.device, state.amp_dtype, state.args.channels_last, state.dist,
+                       on_batch=state.watchdog.pet if state.watchdog is not None else None)
+    # seen is 0 after a resume from the epoch's last-batch checkpoint (stopped in validation): no train losses
     row = {'epoch': epoch + 1, 'step': state.num_updates, 'lr': state.optimizer.param_groups[0]['lr'],
-           'train_loss': loss / seen, 'clean_loss': clean / seen,
-           'adv_loss': adv / seen if state.args.mode != 'vanilla' else None,
+           'train_loss': loss / seen if seen else None, 'clean_loss': clean / seen if seen else None,
+           'adv_loss': adv / seen if seen and state.args.mode != 'vanilla' else None,
            'val_top1': metrics['top1'], 'images_per_s': seen / (time.perf_counter() - t0),
            'unreadable_images': int(unreadable), 'val_top5': metrics['top5']}  # the last two: not in log.csv
     state.log.append(row)
     _track_best(state, row)
     if state.progress:
         skipped = f'; {int(unreadable)} unreadable image{"s" if unreadable != 1 else ""} skipped' if unreadable else ''
-        print(f'{state.args.mode} epoch {epoch + 1}/{state.num_epochs}: loss {row["train_loss"]:.4f} '
+        loss_text = f'{row["train_loss"]:.4f}' if seen else 'n/a (resumed at its end)'
+        print(f'{state.args.mode} epoch {epoch + 1}/{state.num_epochs}: loss {loss_text} '
               f'val top-1 {row["val_top1"]:.2f}% ({row["images_per_s"]:.0f} img/s){skipped}')
     _checkpoint(state, epoch + 1, 0)
 
@@ -660,6 +670,22 @@ def train(args: argparse.Namespace) -> TrainResult:
     long starts where it can."""
     state = setup(args)
     start = time.perf_counter()
+    try:
+        _train_epochs(state)
+    except TrainingError:
+        raise
+    except RuntimeError as e:  # a collective that failed: name the rank at fault, in one line
+        line = collective_failure(e, state.dist)
+        if line is None:
+            raise
+        raise TrainingError(line) from e
+    finally:
+        if state.watchdog is not None:
+            state.watchdog.stop()
+    return _finish(state, start)
+
+
+def _train_epochs(state: TrainState) -> None:
     steps_per_epoch = state.train_loader.steps_per_epoch
     for epoch in range(state.start_epoch, state.num_epochs):
         t0 = time.perf_counter()
@@ -669,4 +695,3 @@ def train(args: argparse.Namespace) -> TrainResult:
         _end_epoch(state, epoch, sums, t0)
         if state.stop:
             break
-    return _finish(state, start)

@@ -1,6 +1,6 @@
 """AutoAttack through ``advprop-zoo eval`` against the pyautoattack package's own call: same model, same images.
 
-    python benchmarks/autoattack.py [--quick] [--threads 1] [--device cuda]
+    python benchmarks/autoattack.py [--quick] [--eps 2] [--threads 1] [--device cuda]
 
 The anchor is what a user writes: pyautoattack's ``AutoAttack(model, version='standard', eps=eps/255, seed=0)
 .run_standard_evaluation(x, y, batch_size=B)`` on the timm model as built, behind a module that applies its
@@ -67,7 +67,8 @@ def _model(name: str, seed: int = 0):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--model', default='efficientnet_b0_advprop')
+    p.add_argument('--model', default=None, help='timm model (default efficientnet_b0_advprop; --quick: '
+                   'test_efficientnet)')
     p.add_argument('--res', type=int, default=64, help='image side in pixels (default 64)')
     p.add_argument('--images', type=int, default=32)
     p.add_argument('--batch', type=int, default=32)
@@ -75,11 +76,13 @@ def main() -> None:
                    'survive APGD-CE, so every attack of the ensemble runs)')
     p.add_argument('--rounds', type=int, default=1)
     p.add_argument('--device', default='cpu')
-    p.add_argument('--quick', action='store_true', help='16 images of 32 px')
+    p.add_argument('--quick', action='store_true', help='16 images of 32 px, timm\'s test_efficientnet (B0 takes '
+                   'over 15 minutes on 2 cores: the standard ensemble is thousands of passes)')
     add_cpu_args(p)
     args = p.parse_args()
     if args.quick:
         args.images, args.res, args.batch = 16, 32, 16
+    args.model = args.model or ('test_efficientnet' if args.quick else 'efficientnet_b0_advprop')
     cpu_setup = apply_cpu_args(args)
     aa = require_autoattack()
     device = torch.device(args.device)
@@ -87,7 +90,7 @@ def main() -> None:
     mean, std = model.pretrained_cfg['mean'], model.pretrained_cfg['std']
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (args.images, args.res, args.res, 3), dtype=np.uint8)
-    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255)
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().float().div(255)
     anchor_model = Normalized(model, mean, std).to(device).eval()
     with torch.no_grad():
         y = torch.cat([anchor_model(x[i:i + args.batch].to(device)).argmax(-1).cpu()

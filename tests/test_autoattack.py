@@ -17,20 +17,18 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-pytest.importorskip('pyautoattack')
-
-from advprop_zoo.cli import main  # noqa: E402
-from advprop_zoo.dual_bn import bn_route, is_dual_bn, to_dual_bn  # noqa: E402
-from advprop_zoo.eval import robustbench  # noqa: E402
-from advprop_zoo.eval.autoattack import (  # noqa: E402
+from advprop_zoo.cli import main
+from advprop_zoo.dual_bn import bn_route, is_dual_bn, to_dual_bn
+from advprop_zoo.eval import robustbench
+from advprop_zoo.eval.autoattack import (
     PixelImages, PixelSpaceModel, autoattack_adversary, run_autoattack,
 )
-from advprop_zoo.eval.datasets import EvalDataError, imagenet_synsets  # noqa: E402
-from advprop_zoo.eval.results import (  # noqa: E402
+from advprop_zoo.eval.datasets import EvalDataError, imagenet_synsets
+from advprop_zoo.eval.results import (
     describe_metric, format_results, read_results, results_csv_row,
 )
-from advprop_zoo.eval.routes import route_model  # noqa: E402
-from advprop_zoo.eval.suite import EvalConfig, eval_data_config, prepare_eval_model, run_eval  # noqa: E402
+from advprop_zoo.eval.routes import route_model
+from advprop_zoo.eval.suite import EvalConfig, eval_data_config, prepare_eval_model, run_eval
 
 SIZE = 32
 WNIDS = imagenet_synsets()
@@ -174,7 +172,7 @@ def _pixels(toy, data_config, n=None):
 
 def test_eval_autoattack_is_the_packages_result_with_metrics_json_and_table(toy, tmp_path, capsys):
     report = run_eval(_cfg(toy, attack='autoattack', eps=[2.0], autoattack_version='custom',
-                           autoattack_attacks=['apgd-ce'], n_examples=6, fuse=False))
+                           autoattack_attacks=['apgd-ce'], num_samples=6, fuse=False))
     aa = report['results']['autoattack'][0]
     data_config = eval_data_config(toy.model, SIZE)
     x, y = _pixels(toy, data_config, 6)
@@ -184,7 +182,7 @@ def test_eval_autoattack_is_the_packages_result_with_metrics_json_and_table(toy,
     _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=4)
     robust = (y_adv == y).nonzero().flatten().tolist()
     assert aa['robust'] == robust and aa['top1'] == pytest.approx(100 * len(robust) / 6)
-    assert aa['images'] == 6 and report['results']['clean']['images'] == 6  # --n-examples: the first 6
+    assert aa['images'] == 6 and report['results']['clean']['images'] == 6  # --num-samples: the first 6
     assert aa['name'] == 'autoattack_custom_eps2' and aa['attacks'][0]['name'] == 'apgd-ce'
     broken = aa['attacks'][0]['broken']
     assert sorted(broken + robust) == sorted(i for i in range(6) if i not in _wrong(x, y, toy, mean, std))
@@ -204,7 +202,7 @@ def test_eval_autoattack_is_the_packages_result_with_metrics_json_and_table(toy,
     assert results_csv_row(report)['autoattack_custom_eps2_top1'] == round(aa['top1'], 4)
     # the fused model (the default) gives the same robust accuracy here
     fused = run_eval(_cfg(toy, attack='autoattack', eps=[2.0], autoattack_version='custom',
-                          autoattack_attacks=['apgd-ce'], n_examples=6))
+                          autoattack_attacks=['apgd-ce'], num_samples=6))
     assert fused['results']['autoattack'][0]['top1'] == aa['top1']
 
 
@@ -215,14 +213,15 @@ def _wrong(x, y, toy, mean, std):
     return set((pred != y).nonzero().flatten().tolist())
 
 
-def test_cli_pgd_and_autoattack_curves_in_one_plot(toy, tmp_path, capsys):
-    out, plot = tmp_path / 'r.json', tmp_path / 'curves.png'
+def test_cli_pgd_and_autoattack_curves_in_one_plot_beside_the_json(toy, tmp_path, capsys):
+    out, plot = tmp_path / 'r.json', tmp_path / 'r.png'
     rc = main(['eval', '--model', 'test_efficientnet', '--checkpoint', str(toy.plain), '--data-dir', str(toy.root),
                '--img-size', str(SIZE), '--workers', '0', '--no-progress', '--batch-size', '8',
                '--attack', 'pgd,autoattack', '--eps', '1,2', '--autoattack-version', 'custom',
-               '--autoattack-attacks', 'apgd-ce', '--output', str(out), '--plot', str(plot)])
+               '--autoattack-attacks', 'apgd-ce', '--output', str(out)])
     assert rc == 0
     text = capsys.readouterr().out
+    assert f'plot: {plot}' in text  # no --plot: the curves go beside the JSON
     assert '| pgd3_eps2 |' in text and '| autoattack_custom_eps1 |' in text
     report = read_results(out)
     assert {'imagenet_pgd1_eps1_top1', 'imagenet_autoattack_custom_eps2_top1'} <= set(report['metrics'])
@@ -289,18 +288,27 @@ def test_robustbench_protocol_reads_the_list_in_its_order_and_names_what_is_miss
     aa = report['results']['autoattack'][0]
     assert aa['name'] == 'autoattack_eps4' and aa['version'] == 'standard' and aa['eps'] == 4.0
     assert report['results']['clean']['images'] == 3 == aa['images'] and aa['clean_top1'] == 0 == aa['top1']
-    # --n-examples takes the first N of the list
-    two = run_eval(_cfg(toy, img_size=None, protocol='robustbench', robustbench_list=str(lst), n_examples=2,
+    # --num-samples takes the first N of the list
+    two = run_eval(_cfg(toy, img_size=None, protocol='robustbench', robustbench_list=str(lst), num_samples=2,
                         checkpoint=str(toy.const)))
     assert two['results']['autoattack_images'] == [files[5]] and two['results']['protocol']['listed'] == 2
 
 
-def test_robustbench_list_from_the_installed_package():
-    if importlib.util.find_spec('robustbench') is None:
-        pytest.skip('robustbench not installed (pip install --no-deps robustbench)')
-    names = robustbench.read_image_list(robustbench.robustbench_list_path())
-    assert len(names) == 5000 and names[0] == 'n09468604/ILSVRC2012_val_00015253.JPEG'
-    assert {n.split('/')[0] for n in names} <= set(WNIDS)
+def test_robustbench_list_from_an_installed_package_without_importing_it(tmp_path, monkeypatch):
+    """A robustbench installed as pip --no-deps lays it out (its __init__ would import its model zoo, and
+    here raises): the list is found beside it, never by importing it."""
+    pkg = tmp_path / 'site' / 'robustbench'
+    (pkg / 'helper_files').mkdir(parents=True)
+    (pkg / '__init__.py').write_text('raise ImportError("robustbench must not be imported")\n')
+    listed = [f'{WNIDS[i]}/ILSVRC2012_val_{i + 1:08d}.JPEG' for i in (7, 3, 900)]
+    (pkg / 'helper_files' / 'imagenet_test_image_ids.txt').write_text('\n'.join(listed) + '\n')
+    monkeypatch.syspath_prepend(str(tmp_path / 'site'))
+    path = robustbench.robustbench_list_path()
+    assert path == pkg / 'helper_files' / 'imagenet_test_image_ids.txt'
+    assert robustbench.read_image_list(path) == listed  # in the list's order
+    (pkg / 'helper_files' / 'imagenet_test_image_ids.txt').unlink()
+    with pytest.raises(EvalDataError, match='has no helper_files/imagenet_test_image_ids.txt'):
+        robustbench.robustbench_list_path()
 
 
 def test_robustbench_not_installed_is_one_line(monkeypatch):

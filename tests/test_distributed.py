@@ -111,3 +111,20 @@ def test_a_nan_on_one_rank_stops_every_rank_at_once(folder, tmp_path):
     assert elapsed < 60, elapsed  # well inside --dist-timeout: nobody waited on a collective
     assert not list((tmp_path / 'checkpoints').glob('step-*'))
     print(f'NaN on rank 1: both ranks stopped after {elapsed:.1f} s (job start included)')
+
+
+@pytest.mark.slow
+def test_the_demo_under_torchrun_prints_one_table_of_the_whole_set(tmp_path):
+    """The embedded demo (one short mode) on 2 ranks: rank 0 alone measures the whole 360-image validation set
+    (clean, PGD, APGD-CE, corruptions) and prints the one table; the other rank prints nothing of it."""
+    run = _torchrun(2, ['-m', 'advprop_zoo_train', '--mode', 'vanilla', '--epochs', '1', '--output',
+                        str(tmp_path / 'demo')], timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout
+    assert out.count('| mode ') == 1 and out.count('[vanilla seed 0]') == 1, out[-3000:]
+    assert '360 val images' in out and 'APGD-CE eps4 top-1 %' in out
+    row = next(line for line in out.splitlines() if line.startswith('| vanilla'))
+    clean, pgd, apgd = (float(c) for c in row.strip('|').split('|')[1:4])
+    for value in (clean, pgd, apgd):  # whole-set percentages: k / 360, not a 180-image shard's padded count
+        assert abs(value * 3.6 - round(value * 3.6)) < 0.02, row
+    assert apgd <= clean  # AutoAttack attacks the clean-correct images only

@@ -116,6 +116,12 @@ def test_hfds_parquet_gives_the_same_numbers_as_the_image_folder(toy, tmp_path):
                              checkpoint=str(toy.ckpt3), img_size=SIZE, workers=0, progress=False, batch_size=4,
                              num_samples=6))
     assert it['metrics'] == folder['metrics'] and it['results']['clean']['images'] == 6
+    # a map-style set: --num-samples takes its first N images, in its order; N beyond its length is all of it
+    for n in (3, 6, 50):
+        part = run_eval(EvalConfig(model='test_efficientnet', data_dir=str(tmp_path / 'cache'),
+                                   dataset=f'hfds/{toy.hf}', checkpoint=str(toy.ckpt3), img_size=SIZE, workers=0,
+                                   progress=False, batch_size=4, num_samples=n))
+        assert part['results']['clean']['images'] == min(n, 6) and part['settings']['num_samples'] == n
 
 
 def test_hfds_through_the_cli_with_timm_spellings(toy, tmp_path, capsys):
@@ -232,8 +238,6 @@ def test_bad_timm_inputs_are_one_line_and_leave_nothing(toy, tmp_path, capsys):
     assert f'hfds/{toy.hf}: the set has 3 classes but the model has 1000' in _error(
         capsys, _eval('--dataset', f'hfds/{toy.hf}', '--data-dir', str(tmp_path / 'cache'), *outputs, ckpt=ckpt1000))
     assert '--data-dir is required for torch/cifar10' in _error(capsys, _eval('--dataset', 'torch/cifar10', toy=toy))
-    assert '--num-samples applies to iterable sets' in _error(
-        capsys, _eval('--dataset', f'hfds/{toy.hf}', '--num-samples', '3', *outputs, toy=toy))
 
     # data-config overrides that timm would assert on
     assert '--mean takes 1 value or 3 (one per input channel), got 2: 0.5 0.5' in _error(

@@ -8,8 +8,10 @@ import importlib.util
 import time
 from pathlib import Path
 
+import datasets  # the train / dev extras
 import numpy as np
 import pytest
+import webdataset as wds
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -20,8 +22,6 @@ from advprop_zoo_train.data import (
 )
 from conftest import cli_fails
 
-datasets = pytest.importorskip('datasets')
-wds = pytest.importorskip('webdataset')
 datasets.disable_progress_bars()  # their bars go to stderr, where a failed run must write one line
 
 PER_CLASS = {'train': 24, 'val': 6}  # 240 / 60 of the 1,437 / 360 digits: one quick epoch

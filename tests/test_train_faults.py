@@ -162,3 +162,24 @@ def test_same_flags_on_resume_say_nothing(capsys, folder, run_dir, tmp_path):
     run = _copy_run(run_dir, tmp_path / 'run')
     train(_args(folder, run, '--resume', 'auto', '--max-steps', '5'))
     assert 'override' not in capsys.readouterr().out
+
+
+def test_resume_from_the_epochs_last_batch_stopped_in_validation(folder, tmp_path, monkeypatch):
+    """Killed in validation after the checkpoint of the epoch's last batch: the resumed run trains no batch of
+    that epoch, validates it and goes on (its epoch row has no train loss, instead of dividing by zero)."""
+    import advprop_zoo_train.loop as loop
+    out = tmp_path / 'run'
+    real = loop.validate
+
+    def killed(*a, **kw):
+        raise KeyboardInterrupt  # the job stopped here
+
+    monkeypatch.setattr(loop, 'validate', killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(_args(folder, out, '--checkpoint-every', '1'))
+    monkeypatch.setattr(loop, 'validate', real)
+    steps = int(latest_checkpoint(out / 'checkpoints').name.split('-')[1])  # the epoch's last batch
+    summary = train(_args(folder, out, '--checkpoint-every', '1', '--resume', 'auto')).summary
+    assert summary['finished'] and summary['steps'] == 2 * steps
+    rows = [line.split(',') for line in (out / 'log.csv').read_text().splitlines()]
+    assert [r[0] for r in rows[1:]] == ['1', '2'] and rows[1][3] == '' and rows[2][3] != ''  # train_loss

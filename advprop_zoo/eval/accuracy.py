@@ -12,7 +12,7 @@ are subtracted from the image count at the end. Their files are named in the res
 """
 import time
 from contextlib import nullcontext
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -37,6 +37,7 @@ def evaluate_accuracy(
         channels_last: bool = False,
         seed: int = 0,
         progress: Optional[str] = None,
+        on_batch: Optional[Callable[[], None]] = None,
 ) -> Dict[str, Any]:
     """Top-1 / top-5 (in %), images counted, throughput of ``model`` in eval mode over ``loader``, and
     ``excluded``: the files of the unreadable images left out of every count (``advprop_zoo.images``;
@@ -44,6 +45,7 @@ def evaluate_accuracy(
 
     ``attack_cfg`` attacks every batch (eval-mode BNs, the model's main route); ``corruption`` is a
     ``(name, severity)`` from ``advprop_zoo.corruptions``. ``seed`` makes random starts and noise repeatable.
+    ``on_batch()`` is called after each batch (the train loop's hung-rank watchdog).
     """
     was_training = model.training
     model.eval()
@@ -89,6 +91,8 @@ def evaluate_accuracy(
             total += len(y)
             if bar is not None:
                 bar.update(n)
+            if on_batch is not None:
+                on_batch()
         correct1, correct5 = hits.tolist()
         if device_labels:
             labels = torch.cat(device_labels)

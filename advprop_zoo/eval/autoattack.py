@@ -238,8 +238,8 @@ def run_autoattack(
     each attack broke. ``progress``: a tqdm label per attack; ``on_attack(name, robust_top1)`` after each."""
     images = x if isinstance(x, PixelImages) else None
     if images is None:
-        def take(idx, device):
-            return x[idx].clone().to(device)
+        def take(idx, device):  # contiguous: the package's APGD views its gradients, which a permuted layout breaks
+            return x[idx].contiguous().to(device)
         n = x.shape[0]
     else:
         take, n = images.batch, len(images)

@@ -16,7 +16,7 @@ from ..weights import check_output_path
 from .datasets import DATASETS, TIMM_PREFIXES, check_dataset_name
 from .autoattack import AUTOATTACK_ATTACKS, INSTALL_HINT as AA_INSTALL_HINT
 from .results import (
-    check_plotting, compare_results, format_results, plot_results, read_results, write_results, write_results_csv,
+    check_plotting, compare_results, plotting_available, format_results, plot_results, read_results, write_results, write_results_csv,
 )
 from .suite import CROP_MODES, INTERPOLATIONS, EvalConfig, parse_attacks, parse_eps, run_eval
 
@@ -83,8 +83,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument('--dataset-download', action='store_true',
                    help='let torch/ and tfds/ (hfids/) sets download themselves, as timm')
     d.add_argument('--num-samples', type=int, metavar='N', default=None,
-                   help='samples in the split of an iterable set (hfids/, wds/, tfds/), as timm. Differs from timm: '
-                        'refused for sets that know their length')
+                   help='evaluate the first N images in the dataset\'s order, for the clean pass and every attack '
+                        '(RobustBench\'s n_ex; --protocol robustbench: the first N of its list); for an iterable '
+                        'set (hfids/, wds/, tfds/) the length of the split, as timm')
     pre = p.add_argument_group('preprocessing (default: the model\'s pretrained config, via timm\'s '
                                'resolve_data_config; these override it as in validate.py)')
     pre.add_argument('--img-size', type=int, default=None, metavar='N',
@@ -111,10 +112,6 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument('--autoattack-attacks', default=None, metavar='LIST',
                    help='with --autoattack-version custom: the attacks to run, comma-separated, in AutoAttack\'s '
                         f'names ({", ".join(AUTOATTACK_ATTACKS)})')
-    a.add_argument('--n-examples', type=int, default=None, metavar='N',
-                   help='evaluate only the first N images in the dataset\'s order (RobustBench\'s n_examples), for the '
-                        'clean pass and every attack alike (RobustBench: the first N of its list). Not timm\'s '
-                        '--num-samples, which is the length of an iterable split')
     a.add_argument('--protocol', default=None, metavar='NAME',
                    help='robustbench: RobustBench\'s ImageNet L-inf setting on the ImageNet val folder --data-dir: its '
                         'fixed 5000-image list, resize 256 / center-crop 224 (bilinear), standard AutoAttack at eps '
@@ -161,8 +158,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help='also write the results as timm validate.py\'s CSV (model, top1, top1_err, top5, top5_err, '
                         'param_count, img_size, crop_pct, interpolation; attack / mCE columns after top5_err), '
                         'atomically. Differs from timm: CSV only (no --results-format; --output is the JSON)')
-    o.add_argument('--plot', metavar='PNG', default=None, help='accuracy-vs-eps plot (--attack) or CE bar chart '
-                   '(imagenet-c); needs matplotlib')
+    o.add_argument('--plot', metavar='PNG', default=None, help='accuracy-vs-eps plot (--attack: PGD / FGSM and '
+                   'AutoAttack curves, eps 0 = clean) or CE bar chart (imagenet-c); needs matplotlib. Default with '
+                   '--output: beside the JSON (results.json -> results.png) when matplotlib is installed')
     o.add_argument('--compare', nargs='+', metavar='JSON', default=None,
                    help='compare results files instead of evaluating: A.json B.json [...], deltas against A')
 
@@ -202,6 +200,9 @@ def eval_command(args: argparse.Namespace) -> int:
         raise ValueError('--amp-dtype needs --amp (as in timm, it is the dtype of mixed precision)')
     elif args.amp_dtype and amp != wanted:
         raise ValueError(f'--amp {amp} and --amp-dtype {args.amp_dtype} disagree')
+    plottable = bool(kinds or args.protocol or args.dataset == 'imagenet-c')
+    if args.output and not args.plot and plottable and plotting_available():
+        args.plot = str(Path(args.output).with_suffix('.png'))  # the curves beside the JSON
     outputs = [o for o in (args.output, args.results_file, args.plot) if o]
     if len({str(Path(o).resolve()) for o in outputs}) < len(outputs):
         raise ValueError('--output, --results-file and --plot must name different files')
@@ -211,7 +212,7 @@ def eval_command(args: argparse.Namespace) -> int:
         check_output_path(args.results_file, overwrite=True)
     if args.plot:
         check_output_path(args.plot, overwrite=True)
-        if not args.attack and not args.protocol and args.dataset != 'imagenet-c':
+        if not plottable:
             raise ValueError('--plot needs --attack (accuracy vs eps) or --dataset imagenet-c (CE bar chart)')
         check_plotting()
 
@@ -230,7 +231,7 @@ def eval_command(args: argparse.Namespace) -> int:
         autoattack_version=args.autoattack_version,
         autoattack_attacks=([a.strip() for a in args.autoattack_attacks.split(',') if a.strip()]
                             if args.autoattack_attacks else None),
-        n_examples=args.n_examples, protocol=args.protocol, robustbench_list=args.robustbench_list,
+        protocol=args.protocol, robustbench_list=args.robustbench_list,
         bn_route=args.bn_route)
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     if args.cpu_malloc == 'reuse' and device == 'cpu':

@@ -285,7 +285,7 @@ def create_eval_loader(
 
 
 class ImageSubset(Dataset):
-    """Some samples of a map-style eval dataset, in a given order (``--n-examples``: the first N; RobustBench's
+    """Some samples of a map-style eval dataset, in a given order (``--num-samples``: the first N; RobustBench's
     list: its images in its order). Samples, transform (settable, as timm's ``create_loader`` sets it) and file
     names are the wrapped dataset's; an unreadable image's placeholder label keeps the *wrapped* dataset's index,
     and ``filename`` takes that index, so ``unreadable_names`` names the right file. ``positions`` maps a
@@ -324,7 +324,7 @@ class ImageSubset(Dataset):
 
 
 def first_examples(dataset, n: Optional[int]):
-    """The first ``n`` samples of a map-style dataset in its own order (``--n-examples``, RobustBench's
+    """The first ``n`` samples of a map-style dataset in its own order (``--num-samples``, RobustBench's
     ``n_examples``); the dataset itself when ``n`` is None or not smaller than it."""
     if n is None or n >= len(dataset):
         return dataset
@@ -385,7 +385,8 @@ def create_spec_dataset(
     """The eval set a timm dataset spec names (``hfds/NAME``, ...; ``root``: ``--data-dir``), read by
     ``timm.data.create_dataset`` with timm validate.py's arguments. A timm ``ImageDataset`` (``hfds/``) is
     wrapped in ``ReadableImageDataset`` (unreadable images excluded and named); iterable and torchvision sets
-    are returned as timm builds them. A missing split, an unknown name or a reader that fails to start is one
+    are returned as timm builds them. ``num_samples``: the first N samples, for an iterable set as timm's
+    ``--num-samples`` (the stream's length), for a map-style one in its own order (``first_examples``). A missing split, an unknown name or a reader that fails to start is one
     line (EvalDataError). ``progress=False`` silences Hugging Face datasets' progress bars while it loads."""
     prefix = timm_prefix(spec)
     if prefix is None:
@@ -395,9 +396,6 @@ def create_spec_dataset(
         raise EvalDataError(f'{spec}: --data-dir is required ({"the shard folder" if prefix == "wds" else "its root"})')
     if root and prefix in ('wds',) and not Path(root).is_dir():
         raise EvalDataError(f'{spec}: data dir {root} does not exist')
-    if num_samples is not None and prefix not in ITERABLE_PREFIXES:
-        iterable = ', '.join(p + '/' for p in ITERABLE_PREFIXES)
-        raise EvalDataError(f'--num-samples applies to iterable sets ({iterable}); {spec} knows its own length')
     if (input_key or target_key) and prefix not in _KEYED_PREFIXES:
         raise EvalDataError(f'--input-key / --target-key apply to {", ".join(p + "/" for p in _KEYED_PREFIXES)} sets')
     if class_map is not None and prefix == 'torch':
@@ -407,13 +405,14 @@ def create_spec_dataset(
         with _hf_progress(progress) if prefix in ('hfds', 'hfids') else nullcontext():
             dataset = create_dataset(
                 spec, root=str(root) if root else None, split=split, class_map=dict(class_map) if class_map else None,
-                download=download, num_samples=num_samples, input_img_mode=input_img_mode, is_training=False,
+                download=download, num_samples=num_samples if prefix in ITERABLE_PREFIXES else None,
+                input_img_mode=input_img_mode, is_training=False,
                 batch_size=batch_size, seed=seed, **keys)
     except (AssertionError, ValueError, KeyError, TypeError, RuntimeError, OSError, ImportError) as e:
         raise EvalDataError(f'{spec}: cannot read split {split!r}: {describe_error(e)}') from None
     if isinstance(dataset, ImageDataset):
         dataset = ReadableImageDataset(dataset)
-    return dataset
+    return dataset if prefix in ITERABLE_PREFIXES else first_examples(dataset, num_samples)
 
 
 @contextmanager

@@ -15,7 +15,8 @@ as in the detailed ``results``. Schema ``advprop-zoo-eval/1``::
     settings      batch_size, device, amp, channels_last, fused, seed, attack ({kind, eps, steps,
                   targeted} or null; kind as given, e.g. "pgd" or "pgd,autoattack"), corruptions (imagenet-c),
                   clean_dir, use_ema (the checkpoint's EMA weights), split, class_map, input_img_mode,
-                  num_samples, autoattack ({version, eps, norm, attacks, seed} or null), n_examples,
+                  num_samples (the first N images of every set), autoattack ({version, eps, norm, attacks,
+                  seed} or null),
                   protocol ("robustbench" or null), bn_route ("main" | "aux" | "both")
     versions      advprop_zoo, timm, torch (pyautoattack when AutoAttack ran);  created (UTC, ISO 8601)
     metrics       flat {name: number}: <set>_top1 / _top5 (set = imagenet, imagenet_a, stylized, folder;
@@ -52,6 +53,7 @@ img_size, crop_pct, interpolation``, and where validate.py puts its extra metric
 ``mce`` and ``relative_mce``; the auxiliary-BN route's as ``aux_``-prefixed columns after them.
 """
 import csv
+import importlib.util
 import io
 import datetime
 import json
@@ -63,9 +65,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from ..table import format_table
 from ..weights import atomic_write
 
-__all__ = ['SCHEMA', 'metrics_of', 'metric_prefix', 'describe_metric', 'autoattack_name', 'AUX_PREFIX', 'write_results', 'read_results',
-           'format_results', 'compare_results', 'plot_results', 'check_plotting', 'results_csv_row',
-           'write_results_csv']
+__all__ = ['SCHEMA', 'metrics_of', 'metric_prefix', 'describe_metric', 'autoattack_name', 'AUX_PREFIX',
+           'write_results', 'read_results', 'format_results', 'compare_results', 'plot_results', 'check_plotting',
+           'plotting_available', 'results_csv_row', 'write_results_csv']
 
 SCHEMA = 'advprop-zoo-eval/1'
 _PREFIX = {'imagenet': 'imagenet', 'imagenet-a': 'imagenet_a', 'stylized': 'stylized', 'folder': 'folder',
@@ -385,6 +387,11 @@ def compare_results(reports: Sequence[Mapping[str, Any]], labels: Optional[Seque
     header_lines = [f'{lab}: {r["model"]} on {r["dataset"]}, weights {(r["weights"].get("sha256") or "unknown")[:12]}'
                     for lab, r in zip(labels, reports)]
     return '\n'.join(header_lines) + '\n\n' + format_table(headers, rows, align='l' + 'r' * (len(headers) - 1))
+
+
+def plotting_available() -> bool:
+    """Whether matplotlib (the optional plotting dependency) is installed, without importing it."""
+    return importlib.util.find_spec('matplotlib') is not None
 
 
 def check_plotting() -> None:

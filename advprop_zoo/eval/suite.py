@@ -18,7 +18,7 @@ For speed the model is evaluated BN-fused with TF 'same' padding made static for
 
 AutoAttack (``attack='autoattack'``, alone or beside PGD / FGSM: ``'pgd,autoattack'``) runs the
 ``pyautoattack`` package's ensemble on the same fused model with mean / std inside it (``eval.autoattack``),
-on the first ``n_examples`` images (all without it) held in memory in [0, 1]. ``protocol='robustbench'`` is
+on the first ``num_samples`` images (all without it) held in memory in [0, 1]. ``protocol='robustbench'`` is
 RobustBench's ImageNet L-inf setting (``eval.robustbench``). A dual-BN checkpoint is evaluated through its
 main BNs, its auxiliary BNs (``bn_route='aux'``; metrics prefixed ``aux_``) or both (``eval.routes``), each
 route folded to a plain model and fused with its own BNs.
@@ -48,7 +48,7 @@ from .autoattack import (
     check_autoattack_classes, require_autoattack, run_autoattack, version_attacks,
 )
 from .datasets import (
-    ITERABLE_PREFIXES, ImageSubset, LogitSubset, check_dataset_name, check_img_mode, check_spec_classes,
+    ImageSubset, LogitSubset, check_dataset_name, check_img_mode, check_spec_classes,
     class_map_for, create_eval_dataset, create_spec_dataset, eval_loader, find_imagenet_c, first_examples,
     imagenet_a_indices, read_class_map, resolve_root, timm_prefix,
 )
@@ -102,7 +102,7 @@ class EvalConfig:
     class_map: Optional[str] = None  # timm's class-map file (folder, timm specs)
     input_img_mode: Optional[str] = None  # PIL mode images are converted to (default RGB)
     dataset_download: bool = False
-    num_samples: Optional[int] = None  # iterable sets
+    num_samples: Optional[int] = None  # the first N images of every set, for every run (RobustBench's n_examples)
     input_key: Optional[str] = None
     target_key: Optional[str] = None
     input_size: Optional[Sequence[int]] = None  # C H W; data-config overrides as resolve_data_config takes them
@@ -114,7 +114,6 @@ class EvalConfig:
     # AutoAttack (attack 'autoattack' or e.g. 'pgd,autoattack'), RobustBench's protocol, the BN route
     autoattack_version: str = 'standard'  # standard | plus | rand | custom (with autoattack_attacks)
     autoattack_attacks: Optional[Sequence[str]] = None
-    n_examples: Optional[int] = None  # the first N images of the set, for every run (RobustBench's n_examples)
     protocol: Optional[str] = None  # 'robustbench'
     robustbench_list: Optional[str] = None  # the 5000-image list (default: the installed robustbench's)
     bn_route: str = 'main'  # main | aux | both: a dual-BN checkpoint's main BNs, auxiliary BNs or both
@@ -296,20 +295,14 @@ def _check_config(cfg: EvalConfig) -> None:
     spec = timm_prefix(cfg.dataset)
     if cfg.split is not None and cfg.dataset == 'imagenet-c':
         raise ValueError('--split does not apply to --dataset imagenet-c (its folders are corruptions)')
-    if not spec and (cfg.dataset_download or cfg.num_samples is not None or cfg.input_key or cfg.target_key):
-        raise ValueError('--dataset-download, --num-samples, --input-key and --target-key apply to timm dataset '
+    if not spec and (cfg.dataset_download or cfg.input_key or cfg.target_key):
+        raise ValueError('--dataset-download, --input-key and --target-key apply to timm dataset '
                          f'specs (hfds/NAME, ...), not to --dataset {cfg.dataset}')
     if cfg.class_map and not spec and cfg.dataset != 'folder':
         raise ValueError(f'--class-map applies to --dataset folder and timm dataset specs; {cfg.dataset}\'s labels '
                          'are its WordNet ids\' places in timm\'s class lists')
     if cfg.num_samples is not None and cfg.num_samples < 1:
         raise ValueError(f'--num-samples must be >= 1, got {cfg.num_samples}')
-    if cfg.n_examples is not None:
-        if cfg.n_examples < 1:
-            raise ValueError(f'--n-examples must be >= 1, got {cfg.n_examples}')
-        if spec in ITERABLE_PREFIXES:
-            raise ValueError(f'--n-examples takes the first images of a map-style set; {cfg.dataset} is a stream '
-                             '(its length is timm\'s --num-samples)')
     if not cfg.data_dir and not (spec and spec in ('hfds', 'hfids', 'tfds')):
         raise ValueError('--data-dir is required' + (f' for {cfg.dataset}' if spec else ''))
     check_data_overrides(cfg.input_size, cfg.img_size, cfg.crop_pct, cfg.crop_mode, cfg.interpolation,
@@ -420,7 +413,6 @@ def run_eval(cfg: EvalConfig) -> Dict[str, Any]:
         spec_set = create_spec_dataset(
             cfg.dataset, root, cfg.split or 'validation', user_map, img_mode, cfg.dataset_download, cfg.num_samples,
             cfg.input_key, cfg.target_key, batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress)
-        spec_set = first_examples(spec_set, cfg.n_examples)
 
     model, weights = load_eval_weights(cfg.model, cfg.checkpoint, cfg.pretrained, cfg.num_classes, cfg.use_ema,
                                        fold=cfg.bn_route == 'main')
@@ -458,16 +450,16 @@ def run_eval(cfg: EvalConfig) -> Dict[str, Any]:
     if cfg.dataset != 'imagenet-c' and not spec:
         main_set = create_eval_dataset(root, clean_map, cfg.dataset, img_mode)
         if listed is not None:
-            indices, missing = match_listed(main_set.filenames(), listed, root, cfg.n_examples)
+            indices, missing = match_listed(main_set.filenames(), listed, root, cfg.num_samples)
             main_set = ImageSubset(main_set, indices)
-            wanted = min(len(listed), cfg.n_examples or len(listed))
+            wanted = min(len(listed), cfg.num_samples or len(listed))
             protocol_info = {'name': 'robustbench', 'list': str(Path(list_path).resolve()), 'listed': wanted,
                              'found': len(indices), 'missing': missing}
             if missing:
                 print(f'robustbench: {root} lacks {len(missing)} of the {wanted} listed images (e.g. {missing[0]}); '
                       f'evaluating the {len(indices)} found', file=sys.stderr, flush=True)
         else:
-            main_set = first_examples(main_set, cfg.n_examples)
+            main_set = first_examples(main_set, cfg.num_samples)
 
     pixels = None
     if aa_eps:  # AutoAttack's images, once for every eps and route: [0, 1], in the set's order
@@ -493,7 +485,7 @@ def run_eval(cfg: EvalConfig) -> Dict[str, Any]:
                                      progress=label + tag if cfg.progress else None)
 
         def folder_set(folder: Path, class_map: Dict[str, int], name: str):
-            return first_examples(create_eval_dataset(folder, class_map, name, img_mode), cfg.n_examples)
+            return first_examples(create_eval_dataset(folder, class_map, name, img_mode), cfg.num_samples)
 
         out: Dict[str, Any] = {}
         if cfg.dataset == 'imagenet-c':
@@ -562,7 +554,7 @@ def run_eval(cfg: EvalConfig) -> Dict[str, Any]:
                     autoattack=(dict(version=cfg.autoattack_version, eps=aa_eps, norm='Linf',
                                      attacks=version_attacks(cfg.autoattack_version, cfg.autoattack_attacks),
                                      seed=cfg.seed) if aa_eps else None),
-                    n_examples=cfg.n_examples, protocol=asked.protocol, bn_route=cfg.bn_route)
+                    protocol=asked.protocol, bn_route=cfg.bn_route)
     report = {
         'schema': SCHEMA,
         'model': cfg.model,
