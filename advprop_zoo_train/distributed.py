@@ -161,7 +161,10 @@ class StepWatchdog:
                 print(f'advprop-zoo train: error: rank {self.rank} is hung: no batch finished in '
                       f'{self.timeout_s:g} s (2 x --dist-timeout; a stuck data loader, storage or device); '
                       'its threads\' stacks follow, then it exits', file=sys.stderr, flush=True)
-                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+                try:
+                    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+                except (ValueError, OSError, AttributeError):  # a stderr without a file descriptor
+                    pass
                 sys.stderr.flush()
                 os._exit(1)
 

@@ -128,3 +128,35 @@ def test_the_demo_under_torchrun_prints_one_table_of_the_whole_set(tmp_path):
     for value in (clean, pgd, apgd):  # whole-set percentages: k / 360, not a 180-image shard's padded count
         assert abs(value * 3.6 - round(value * 3.6)) < 0.02, row
     assert apgd <= clean  # AutoAttack attacks the clean-correct images only
+
+
+def test_the_step_watchdog_ends_a_hung_process_naming_its_rank():
+    """No batch within its timeout: one line naming the rank, the threads' stacks, exit status 1; petted in
+    time, it never fires (and it is not armed before the first pet)."""
+    code = ('import time, sys\n'
+            'from advprop_zoo_train.distributed import StepWatchdog\n'
+            'w = StepWatchdog(1.5, rank=3)\n'
+            'time.sleep(3)  # not armed yet\n'
+            'for _ in range(6):\n'
+            '    w.pet(); time.sleep(0.5)\n'
+            'print("petted", flush=True)\n'
+            'if sys.argv[1] == "hang":\n'
+            '    time.sleep(60)\n'
+            'w.stop()\n')
+    t0 = time.time()
+    hung = subprocess.run([sys.executable, '-c', code, 'hang'], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=60)
+    assert hung.returncode == 1 and time.time() - t0 < 20, hung.stderr
+    first = hung.stderr.splitlines()[0]
+    assert first.startswith('advprop-zoo train: error: rank 3 is hung: no batch finished in 1.5 s'), hung.stderr
+    assert 'time.sleep(60)' in hung.stderr or 'line 9' in hung.stderr  # the stack of the hung thread
+    fine = subprocess.run([sys.executable, '-c', code, 'finish'], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=60)
+    assert fine.returncode == 0 and 'petted' in fine.stdout and not fine.stderr, fine.stderr
+
+
+def test_collective_failure_only_speaks_for_a_collectives_error():
+    from advprop_zoo_train.distributed import DistInfo, collective_failure
+    assert collective_failure(RuntimeError('Timed out waiting 20000ms for recv'), DistInfo()) is None  # 1 process
+    two = DistInfo(rank=0, world_size=2, monitor=object())
+    assert collective_failure(RuntimeError('mat1 and mat2 shapes cannot be multiplied'), two) is None
