@@ -23,7 +23,6 @@ from typing import Dict, Iterator, Optional
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 from torch import nn
 from timm.layers import SplitBatchNorm2d
 
@@ -127,10 +126,25 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         return x
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over ranks (the backward sums the gradient), on public ``dist.all_reduce``: queued on
+    the device's stream, no host sync. torch.distributed.nn.functional.all_reduce did this until torch
+    deprecated it (a FutureWarning) for a private module."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        out = t.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _AllReduceSum.apply(grad, ctx.group), None
+
+
 def _all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
-    """Differentiable all-reduce (its backward all-reduces the gradient), torch's public
-    ``torch.distributed.nn.functional.all_reduce``: queued on the device's stream, no host sync."""
-    return dist_nn.all_reduce(t, group=group)
+    return _AllReduceSum.apply(t, group)
 
 
 def _sync_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, group) -> torch.Tensor:
