@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help='PIL mode images are converted to; default RGB, or L for a 1-channel --input-size')
     g.add_argument('--dataset-download', action='store_true',
                    help='let torch/, tfds/ and hfids/ datasets download what is missing')
+    g.add_argument('--input-key', default=None, metavar='KEY',
+                   help='image field of hfds/ hfids/ wds/ tfds/ samples (default: the reader\'s, as timm)')
+    g.add_argument('--target-key', default=None, metavar='KEY',
+                   help='label field of hfds/ hfids/ wds/ tfds/ samples (default: the reader\'s, as timm)')
     g.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
                    help='input size; default: the model\'s pretrained config')
     g.add_argument('--mean', type=float, nargs='+', default=None, help='default: the model\'s config')

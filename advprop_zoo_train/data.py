@@ -44,6 +44,7 @@ from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from advprop_zoo.errors import AdvPropZooError
 from advprop_zoo.images import ReadableImageDataset, split_unreadable, unreadable_names
+from advprop_zoo.eval.datasets import ITERABLE_PREFIXES, KEYED_PREFIXES, TIMM_PREFIXES as DATASET_PREFIXES
 
 __all__ = ['DataError', 'DATASET_PREFIXES', 'ITERABLE_PREFIXES', 'dataset_prefix', 'check_image_folder',
            'resolve_splits', 'digits_folder', 'create_loaders', 'ResumableSampler', 'SeededDataset',
@@ -53,8 +54,6 @@ _logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.ppm', '.webp', '.tif', '.tiff')
 DIGITS_SIZE = 32  # sklearn's 8x8 digits, upsampled so a real EfficientNet stem has room
-DATASET_PREFIXES = ('hfds', 'hfids', 'tfds', 'wds', 'torch')  # and none: a folder or tar
-ITERABLE_PREFIXES = ('hfids', 'tfds', 'wds')
 # timm's split synonyms (timm.data.dataset_factory): a folder split is searched for under these names
 TRAIN_SYNONYMS = ('train', 'training')
 EVAL_SYNONYMS = ('val', 'valid', 'validation', 'eval', 'evaluation')
@@ -243,6 +242,11 @@ def _open(args, src: _Source, split: str, training: bool, input_img_mode: str = 
         raise DataError(f'{flag}: name the split')
     num_samples = args.train_num_samples if training else args.val_num_samples
     kwargs = dict(class_map=args.class_map, download=args.dataset_download, input_img_mode=input_img_mode)
+    keys = {k: v for k in ('input_key', 'target_key') if (v := getattr(args, k, None))}
+    if keys and src.prefix not in KEYED_PREFIXES:
+        raise DataError(f'--input-key / --target-key apply to {", ".join(p + "/" for p in KEYED_PREFIXES)} datasets, '
+                        f'not {src.label}')
+    kwargs.update(keys)
     if src.iterable:
         kwargs.update(is_training=training, batch_size=args.batch_size, seed=args.seed, num_samples=num_samples,
                       repeats=0)
@@ -311,7 +315,7 @@ _opened: Dict[tuple, tuple] = {}
 def _open_key(args, src: _Source, input_img_mode: str) -> tuple:
     return (src, input_img_mode, *(getattr(args, k) for k in (
         'train_split', 'val_split', 'train_num_samples', 'val_num_samples', 'class_map', 'dataset_download',
-        'batch_size', 'seed')))
+        'input_key', 'target_key', 'batch_size', 'seed')))
 
 
 def _open_splits(args, src: _Source, input_img_mode: str = 'RGB') -> tuple:

@@ -356,3 +356,23 @@ def test_epoch_time_by_layout(digits, hfds_dir, wds_dir, tmp_path, capsys):
     with capsys.disabled():
         print('\nloader epoch, 240 digits images: ' + ', '.join(
             f'{k} {v * 1e3:.0f} ms ({v / times["folder"]:.2f}x)' for k, v in times.items()))
+
+
+def test_input_and_target_keys_name_other_columns(tmp_path):
+    """timm's --input-key / --target-key: a parquet set whose columns are not image / label trains through them;
+    on a folder they are one line."""
+    features = datasets.Features({'photo': datasets.Image(), 'digit': datasets.Value('int64')})
+    (tmp_path / 'keyed' / 'data').mkdir(parents=True)
+    rows = [{'photo': {'bytes': _png(k), 'path': None}, 'digit': k % 4} for k in range(16)]
+    for split in ('train', 'validation'):
+        datasets.Dataset.from_list(rows, features=features).to_parquet(
+            str(tmp_path / 'keyed' / 'data' / f'{split}-00000-of-00001.parquet'))
+    data = ['--data-dir', str(tmp_path), '--dataset', 'hfds/keyed', '--num-classes', '4', '--batch-size', '8']
+    args = build_parser().parse_args([*RUN, *data, '--input-key', 'photo', '--target-key', 'digit'])
+    train_loader, val_loader, _ = create_loaders(args, DATA_CONFIG, rank=0, world_size=1)
+    assert sorted(v for _, y in val_loader for v in y.tolist()) == sorted(r['digit'] for r in rows)
+    x, _ = next(iter(train_loader))
+    assert x.shape[1:] == DATA_CONFIG["input_size"]
+    folder = build_parser().parse_args([*RUN, '--data-dir', str(tmp_path), '--input-key', 'photo'])
+    with pytest.raises(DataError, match='--input-key / --target-key apply to hfds/'):
+        create_loaders(folder, DATA_CONFIG, rank=0, world_size=1)

@@ -45,7 +45,7 @@ __all__ = [
     'DATASETS', 'EvalDataError', 'imagenet_synsets', 'imagenet_a_synsets', 'imagenet_a_indices', 'LogitSubset',
     'resolve_root', 'class_map_for', 'find_imagenet_c', 'create_eval_dataset', 'create_eval_loader', 'eval_loader',
     'ImageSubset', 'first_examples', 'TIMM_PREFIXES',
-    'ITERABLE_PREFIXES', 'timm_prefix', 'check_dataset_name', 'read_class_map', 'create_spec_dataset',
+    'ITERABLE_PREFIXES', 'KEYED_PREFIXES', 'timm_prefix', 'check_dataset_name', 'read_class_map', 'create_spec_dataset',
     'check_spec_classes', 'check_img_mode',
 ]
 
@@ -57,7 +57,7 @@ _SPLIT_SYNONYMS = (('train', 'training'), ('val', 'valid', 'validation', 'eval',
 TIMM_PREFIXES = ('hfds', 'hfids', 'wds', 'tfds', 'torch')
 ITERABLE_PREFIXES = ('hfids', 'wds', 'tfds')
 _ROOT_REQUIRED = ('wds', 'torch')  # the others take --data-dir as a cache / data dir, optional as in timm
-_KEYED_PREFIXES = ('hfds', 'hfids', 'wds', 'tfds')  # readers that take --input-key / --target-key
+KEYED_PREFIXES = ('hfds', 'hfids', 'wds', 'tfds')  # readers that take --input-key / --target-key
 
 
 class EvalDataError(AdvPropZooError, ValueError):
@@ -396,8 +396,8 @@ def create_spec_dataset(
         raise EvalDataError(f'{spec}: --data-dir is required ({"the shard folder" if prefix == "wds" else "its root"})')
     if root and prefix in ('wds',) and not Path(root).is_dir():
         raise EvalDataError(f'{spec}: data dir {root} does not exist')
-    if (input_key or target_key) and prefix not in _KEYED_PREFIXES:
-        raise EvalDataError(f'--input-key / --target-key apply to {", ".join(p + "/" for p in _KEYED_PREFIXES)} sets')
+    if (input_key or target_key) and prefix not in KEYED_PREFIXES:
+        raise EvalDataError(f'--input-key / --target-key apply to {", ".join(p + "/" for p in KEYED_PREFIXES)} sets')
     if class_map is not None and prefix == 'torch':
         raise EvalDataError(f'{spec}: --class-map does not apply to torchvision sets (their labels are their own)')
     keys = {k: v for k, v in (('input_key', input_key), ('target_key', target_key)) if v}
